@@ -1,0 +1,36 @@
+"""The errors pytest-gpttrace raises for bad input. Each message's first line says what broke and where."""
+
+from __future__ import annotations
+
+
+class GptTraceError(Exception):
+    """Base of every error pytest-gpttrace raises on purpose."""
+
+
+class TraceFormatError(GptTraceError, ValueError):
+    """A trace file (JSON) is malformed: names the file, the JSON path and what was expected."""
+
+    def __init__(self, file, path: str, message: str):
+        self.file, self.path, self.detail = file, path, message
+        where = f"{file}: " if file else ""
+        at = f"at {path}: " if path else ""
+        super().__init__(f"{where}{at}{message}")
+
+
+class MarkdownParseError(GptTraceError, ValueError):
+    """A seed-format Markdown trace cannot be read: names the file and the line."""
+
+    def __init__(self, file, line: int | None, message: str):
+        self.file, self.line, self.detail = file, line, message
+        where = f"{file}" if file else "<markdown>"
+        if line is not None:
+            where += f":{line}"
+        super().__init__(f"{where}: {message}")
+
+
+class CaptureError(GptTraceError, RuntimeError):
+    """Capture cannot run on this model (for example: it has no stages)."""
+
+
+class TraceMismatchError(GptTraceError, ValueError):
+    """Two traces cannot be compared (another config, another device type)."""
