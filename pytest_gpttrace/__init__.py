@@ -5,3 +5,24 @@ costs nothing for test sessions that never trace a model.
 """
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "capture": "tracer",
+    "Capture": "tracer",
+    "trace_training": "tracer",
+    "Trace": "trace",
+    "Iteration": "trace",
+    "TensorStats": "trace",
+    "tensor_stats": "stats",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pytest_gpttrace' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -1,0 +1,313 @@
+"""Capturing stage statistics through hooks, and the instrumented training loop.
+
+    with capture(model) as cap:
+        loss = model(idx, targets)
+        loss.backward()
+        cap.end_iteration(loss=loss, stepped=False)
+    trace = cap.trace()
+
+Stages are the model's taps (identity modules whose class is named ``Tap`` or ``HookPoint``, or
+that set ``gpttrace_tap = True``); a model with no taps is traced per leaf module (Embedding,
+Linear, ...) by qualified name. Glob patterns narrow or widen the set: a plain pattern keeps the
+default stages it matches, ``+pattern`` adds any module it matches, ``!pattern`` drops stages.
+
+Per stage output the forward hook computes statistics on the device and, when the output takes
+part in autograd, registers a tensor hook that computes the statistics of its gradient (robust to
+in-place ops, unlike module backward hooks). ``end_iteration`` adds every parameter gradient and
+copies the iteration's statistics to the host in one transfer. Nothing inside a hook reads a value
+back to the host. A module called twice in one iteration is recorded as ``name`` and ``name#2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import platform
+import sys
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import CaptureError
+from .stats import StatsBatch
+from .trace import Iteration, Trace
+
+TAP_CLASS_NAMES = ("Tap", "HookPoint")
+
+
+def is_tap(module: nn.Module) -> bool:
+    return getattr(module, "gpttrace_tap", False) or type(module).__name__ in TAP_CLASS_NAMES
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    return next(module.children(), None) is None
+
+
+def select_stages(model: nn.Module, patterns: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs to hook, in module order. See the module docstring for patterns."""
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    taps = [(n, m) for n, m in modules if is_tap(m)]
+    default = taps or [(n, m) for n, m in modules if _is_leaf(m)]
+    if not default:
+        raise CaptureError(
+            f"{type(model).__name__} has no stages to trace: no taps and no leaf modules "
+            "(a model built from plain functions needs Tap modules, or trace its submodules)"
+        )
+    patterns = list(patterns or [])
+    keep = [p for p in patterns if not p.startswith(("+", "!"))]
+    add = [p[1:] for p in patterns if p.startswith("+")]
+    drop = [p[1:] for p in patterns if p.startswith("!")]
+    for p in keep + add + drop:
+        if not p:
+            raise CaptureError(f"empty stage pattern in {patterns!r}")
+
+    def match(name, pats):
+        return any(fnmatch.fnmatchcase(name, p) for p in pats)
+
+    chosen = {n for n, _ in default if not keep or match(n, keep)}
+    chosen |= {n for n, _ in modules if match(n, add)}
+    chosen -= {n for n, _ in modules if match(n, drop)}
+    selected = [(n, m) for n, m in modules if n in chosen]
+    if not selected:
+        sample = ", ".join(n for n, _ in default[:5])
+        raise CaptureError(
+            f"stage patterns {patterns!r} select none of the {len(default)} stages of "
+            f"{type(model).__name__} (they start: {sample})"
+        )
+    return selected
+
+
+def _tensors(output, prefix=""):
+    """(suffix, tensor) for a module output: a tensor, or tensors inside a tuple/list/dict."""
+    if isinstance(output, torch.Tensor):
+        yield prefix, output
+    elif isinstance(output, (tuple, list)):
+        for i, item in enumerate(output):
+            yield from _tensors(item, f"{prefix}[{i}]")
+    elif isinstance(output, dict):
+        for k, item in output.items():
+            yield from _tensors(item, f"{prefix}[{k}]")
+
+
+def model_config(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if isinstance(config, dict):
+        return dict(config)
+    return {}
+
+
+def environment(model: nn.Module, stats_path: str = "eager") -> dict:
+    param = next(model.parameters(), None)
+    floating = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    return {
+        "torch": torch.__version__.split("+")[0],
+        "python": platform.python_version(),
+        "platform": f"{sys.platform}-{platform.machine()}",
+        "device_type": device.type,
+        "device": str(device),
+        "dtype": str(floating.dtype) if floating is not None else "n/a",
+        "threads": torch.get_num_threads(),
+        "stats_path": stats_path,
+    }
+
+
+class Capture:
+    """Hooks on a model's stages; builds one Iteration per forward/backward. Use through ``capture``."""
+
+    def __init__(self, model: nn.Module, stages: Sequence[str] | None = None, *,
+                 grads: bool = True, param_grads: bool = True):
+        self.model = model
+        self.grads = grads
+        self.param_grads = param_grads
+        self.stages = select_stages(model, stages)
+        self.iterations: list[Iteration] = []
+        self._handles: list = []
+        self._tensor_handles: list = []
+        self._active = False
+        self._reset()
+
+    def _reset(self):
+        self._forward = StatsBatch()
+        self._backward = StatsBatch()
+        self._seen: dict[str, int] = {}
+        self._grad_seen: dict[str, int] = {}
+
+    # -- hooks -----------------------------------------------------------------
+    def _unique(self, name: str, seen: dict) -> str:
+        n = seen.get(name, 0) + 1
+        seen[name] = n
+        return name if n == 1 else f"{name}#{n}"
+
+    def _forward_hook(self, name: str):
+        def hook(module, args, output):
+            if not self._active:
+                return None
+            for suffix, t in _tensors(output):
+                stage = self._unique(name + suffix, self._seen)
+                self._forward.add(stage, t)
+                if self.grads and t.requires_grad:
+                    self._tensor_handles.append(t.register_hook(self._grad_hook(stage)))
+            return None
+        return hook
+
+    def _grad_hook(self, stage: str):
+        def hook(grad):
+            if self._active:
+                self._backward.add(self._unique(stage, self._grad_seen), grad)
+            return None
+        return hook
+
+    # -- lifecycle -------------------------------------------------------------
+    def __enter__(self) -> "Capture":
+        self._active = True
+        try:
+            for name, module in self.stages:
+                self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+    def _remove(self):
+        self._active = False
+        for h in self._handles + self._tensor_handles:
+            h.remove()
+        self._handles, self._tensor_handles = [], []
+
+    def end_iteration(self, loss: torch.Tensor | float | None = None, stepped: bool | None = None,
+                      lr: dict | None = None) -> Iteration:
+        """Close the current iteration: record parameter gradients, copy to the host once."""
+        params = StatsBatch()
+        if self.param_grads:
+            for name, p in self.model.named_parameters():
+                if p.grad is None:
+                    params.add_missing(name)
+                else:
+                    params.add(name, p.grad)
+        if isinstance(loss, torch.Tensor):
+            params.add_scalar("loss", loss)
+        forward, _ = self._forward.finish()
+        backward, _ = self._backward.finish()
+        grads, scalars = params.finish()
+        loss_value = scalars.get("loss", loss if isinstance(loss, (int, float)) else None)
+        it = Iteration(
+            index=len(self.iterations),
+            loss=None if loss_value is None else float(loss_value),
+            stepped=stepped,
+            lr=dict(lr or {}),
+            forward=dict(forward),
+            stage_grads=dict(backward),
+            param_grads=dict(grads),
+        )
+        self.iterations.append(it)
+        for h in self._tensor_handles:
+            h.remove()
+        self._tensor_handles = []
+        self._reset()
+        return it
+
+    def trace(self) -> Trace:
+        return Trace(
+            config=model_config(self.model),
+            environment=environment(self.model),
+            iterations=tuple(self.iterations),
+            parameters={n: tuple(p.shape) for n, p in self.model.named_parameters()},
+            model=type(self.model).__name__,
+        )
+
+
+def capture(model: nn.Module, stages: Sequence[str] | None = None, *, grads: bool = True,
+            param_grads: bool = True) -> Capture:
+    """Context manager hooking every stage of ``model``; hooks are removed on exit, also on error."""
+    return Capture(model, stages, grads=grads, param_grads=param_grads)
+
+
+# ------------------------------------------------------------------------------ training loop
+def _as_list(optimizers) -> list:
+    if optimizers is None:
+        return []
+    if isinstance(optimizers, torch.optim.Optimizer):
+        return [optimizers]
+    return list(optimizers)
+
+
+def learning_rates(optimizers) -> dict[str, float]:
+    """Every param group's current lr, keyed "<Optimizer>[group]" (an index prefix when types repeat)."""
+    opts = _as_list(optimizers)
+    names = [type(o).__name__ for o in opts]
+    out = {}
+    for i, (opt, name) in enumerate(zip(opts, names)):
+        label = name if names.count(name) == 1 else f"{i}:{name}"
+        for g, group in enumerate(opt.param_groups):
+            out[f"{label}[{g}]"] = float(group["lr"])
+    return out
+
+
+def default_loss(model: nn.Module, batch) -> torch.Tensor:
+    """model(*batch) when it returns the loss; the scalar element when it returns (logits, loss)."""
+    out = model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    if isinstance(out, torch.Tensor) and out.numel() == 1:
+        return out
+    if isinstance(out, (tuple, list)):
+        for item in out:
+            if isinstance(item, torch.Tensor) and item.numel() == 1 and item.is_floating_point():
+                return item
+    raise CaptureError(
+        f"{type(model).__name__}(*batch) returned {type(out).__name__}, not a scalar loss: "
+        "pass loss_fn=lambda model, batch: ... to trace_training"
+    )
+
+
+def trace_training(
+    model: nn.Module,
+    batches: Iterable,
+    optimizers=None,
+    iterations: int = 3,
+    *,
+    micro_steps: int = 1,
+    stages: Sequence[str] | None = None,
+    loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
+    grads: bool = True,
+) -> Trace:
+    """Run the usual loop (forward, backward, step, zero_grad) for ``iterations`` forward/backward
+    passes under capture, and return the Trace.
+
+    micro_steps=k accumulates gradients over k iterations (each backward on loss / k) and steps
+    the optimizers after every k-th; an Iteration's ``stepped`` says whether a step followed it.
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be at least 1, got {iterations}")
+    if micro_steps < 1:
+        raise ValueError(f"micro_steps must be at least 1, got {micro_steps}")
+    opts = _as_list(optimizers)
+    loss_fn = loss_fn or default_loss
+    batches = iter(batches)
+    model.train()
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    with capture(model, stages, grads=grads) as cap:
+        for i in range(iterations):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise CaptureError(f"the batches ran out after {i} of {iterations} iterations") from None
+            loss = loss_fn(model, batch)
+            (loss / micro_steps if micro_steps > 1 else loss).backward()
+            stepped = bool(opts) and (i + 1) % micro_steps == 0
+            lr = learning_rates(opts)
+            cap.end_iteration(loss=loss, stepped=stepped, lr=lr)
+            if stepped:
+                for opt in opts:
+                    opt.step()
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)
+        trace = cap.trace()
+    return trace

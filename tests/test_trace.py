@@ -1,0 +1,108 @@
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pytest_gpttrace.errors import TraceFormatError
+from pytest_gpttrace.trace import FORMAT_VERSION, Iteration, TensorStats, Trace, dumps, load, loads
+
+any_float = st.floats(allow_nan=True, allow_infinity=True)
+
+
+@st.composite
+def stats(draw):
+    shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
+    numel = math.prod(shape)
+    if numel == 0:
+        return TensorStats(shape, "torch.float32", "cpu", 0)
+    vals = {k: draw(any_float) for k in ("mean", "std", "min", "max", "rms", "zero_frac")}
+    return TensorStats(shape, draw(st.sampled_from(["torch.float32", "torch.bfloat16", "torch.int64"])),
+                       draw(st.sampled_from(["cpu", "cuda:0"])), numel, **vals,
+                       nan=draw(st.integers(0, 9)), inf=draw(st.integers(0, 9)))
+
+
+@st.composite
+def traces(draw):
+    names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)
+    iterations = []
+    for i in range(draw(st.integers(0, 2))):
+        iterations.append(Iteration(
+            index=i,
+            loss=draw(st.none() | any_float),
+            stepped=draw(st.sampled_from([None, True, False])),
+            lr=draw(st.dictionaries(names, st.floats(0, 1), max_size=2)),
+            forward=draw(st.dictionaries(names, stats(), max_size=3)),
+            stage_grads=draw(st.dictionaries(names, stats(), max_size=3)),
+            param_grads=draw(st.dictionaries(names, st.none() | stats(), max_size=3)),
+        ))
+    return Trace(config={"n_layer": 2, "softcap": 15.0}, environment={"torch": "2.13.0", "threads": 2},
+                 iterations=tuple(iterations), parameters={"w": (3, 4)}, model="GPT")
+
+
+def same(a, b):
+    """Equality where NaN equals NaN (bit-for-bit round trip)."""
+    return dumps(a) == dumps(b)
+
+
+@given(traces())
+def test_json_round_trip_is_bit_exact(trace):
+    text = dumps(trace)
+    back = loads(text)
+    assert same(back, trace)
+    for it_a, it_b in zip(back.iterations, trace.iterations):
+        for name, s in it_b.forward.items():
+            for k in ("mean", "std", "min", "max", "rms", "zero_frac"):
+                a, b = getattr(it_a.forward[name], k), getattr(s, k)
+                assert (a is None and b is None) or (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def test_one_stage_per_line_and_stable_key_order():
+    s = TensorStats((2,), "torch.float32", "cpu", 2, 0.1, 0.2, 0.0, 0.3, 0.25, 0.5)
+    trace = Trace({"b": 1, "a": 2}, {}, (Iteration(0, 1.5, True, {}, {"x": s, "y": s}, {}, {"w": None}),))
+    text = dumps(trace)
+    lines = text.splitlines()
+    assert sum('"x": {"shape": [2], "dtype": "torch.float32", "device": "cpu", "numel": 2, "mean": 0.1' in l for l in lines) == 1
+    assert any(l.strip() == '"w": null' for l in lines)
+    assert text.index('"format"') < text.index('"config"') < text.index('"iterations"')
+    assert dumps(loads(text)) == text
+
+
+def write(tmp_path, text, name="golden.json"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def valid_text():
+    s = TensorStats((2,), "torch.float32", "cpu", 2, 0.1, 0.2, 0.0, 0.3, 0.25, 0.5)
+    return dumps(Trace({}, {}, (Iteration(0, 1.5, True, {}, {"blocks.0.attn.q": s}, {}, {}),)))
+
+
+@pytest.mark.parametrize(
+    "mutate, path, message",
+    [
+        (lambda t: t[: len(t) // 2], "", "not valid JSON (line"),
+        (lambda t: "", "", "the file is empty"),
+        (lambda t: "[1, 2]", "$", "expected a JSON object, got a list"),
+        (lambda t: t.replace(f'"format": {FORMAT_VERSION}', '"format": 99'), "$.format", "unknown trace format version 99"),
+        (lambda t: t.replace(f'"format": {FORMAT_VERSION},', ''), "$", 'missing field "format"'),
+        (lambda t: t.replace('"std": 0.2', '"std": "wide"'), '$.iterations[0].forward["blocks.0.attn.q"].std', "expected a number or null, got a string 'wide'"),
+        (lambda t: t.replace('"shape": [2]', '"shape": "2"'), '$.iterations[0].forward["blocks.0.attn.q"].shape', "expected a list of dimension sizes"),
+        (lambda t: t.replace('"stepped": true', '"stepped": 1'), "$.iterations[0].stepped", "expected true, false or null"),
+        (lambda t: t.replace('"numel": 2, ', ''), '$.iterations[0].forward["blocks.0.attn.q"]', 'missing field "numel"'),
+    ],
+)
+def test_malformed_files_name_the_file_the_path_and_what_was_expected(tmp_path, mutate, path, message):
+    p = write(tmp_path, mutate(valid_text()))
+    with pytest.raises(TraceFormatError) as info:
+        load(p)
+    err = info.value
+    assert err.file == p and err.path == path
+    first_line = str(err).splitlines()[0]
+    assert str(p) in first_line and message in first_line
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(TraceFormatError, match="nope.json: no such file"):
+        load(tmp_path / "nope.json")

@@ -1,0 +1,156 @@
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pytest_gpttrace import capture, trace_training
+from pytest_gpttrace.tracer import select_stages
+from pytest_gpttrace.errors import CaptureError
+from tests.models import TINY, UserGPT, tiny_reference, user_batches
+
+
+class CountItemCalls(TorchDispatchMode):
+    """Counts every device-to-host scalar read (what .item(), float(t), bool(t) dispatch to)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_hooks_do_not_read_values_back_to_the_host():
+    model, batches, _ = tiny_reference()
+    idx, targets = next(batches)
+    with capture(model) as cap:
+        with CountItemCalls() as counter:
+            loss = model(idx, targets)
+            loss.backward()
+        cap.end_iteration(loss=loss)
+    it = cap.iterations[0]
+    assert len(it.forward) > 40 and len(it.stage_grads) > 40  # the hooks did run under the mode
+    assert counter.count == 0
+
+
+def test_the_counter_does_see_an_item_call():
+    with CountItemCalls() as counter:
+        torch.ones(2).sum().item()
+    assert counter.count == 1
+
+
+def test_reference_model_trace_has_every_stage_in_execution_order():
+    model, batches, opts = tiny_reference()
+    trace = trace_training(model, batches, opts, iterations=2)
+    it = trace.iterations[0]
+    names = list(it.forward)
+    assert names[:6] == ["inputs.idx", "inputs.targets", "embed.wte", "embed.norm", "rope.cos", "rope.sin"]
+    assert names[-4:] == ["final_norm", "lm_head.logits", "lm_head.softcap", "loss"]
+    assert len(names) == 6 + 19 * TINY.n_layer + 4
+    grads = list(it.stage_grads)
+    assert grads[0] == "loss" and grads[1] == "lm_head.softcap"  # backward order
+    assert "inputs.idx" not in grads and "rope.cos" not in grads  # no gradient flows there
+    assert set(it.param_grads) == {n for n, _ in model.named_parameters()}
+    assert it.stepped is True and set(it.lr) == {"AdamW[0]", "AdamW[1]", "Muon[0]"}
+    assert trace.config["n_layer"] == 2 and trace.model == "GPT"
+    assert trace.environment["device_type"] == "cpu" and trace.environment["stats_path"] == "eager"
+    assert trace.parameters["lm_head.weight"] == (TINY.vocab_size, TINY.n_embd)
+    # the zero-init pattern, seen through the trace
+    assert it.forward["blocks.0.attn.out"].all_zero and it.forward["lm_head.logits"].all_zero
+    assert it.param_grads["wte.weight"].all_zero and not it.param_grads["lm_head.weight"].all_zero
+    assert trace.iterations[1].loss < trace.iterations[0].loss
+
+
+def test_micro_steps_are_told_apart_from_optimizer_steps():
+    model, batches, opts = tiny_reference()
+    trace = trace_training(model, batches, opts, iterations=4, micro_steps=2)
+    assert [it.stepped for it in trace.iterations] == [False, True, False, True]
+    losses = [it.loss for it in trace.iterations]
+    assert losses[0] == losses[1] and losses[2] < losses[1]  # the same batch, no step in between
+
+
+def test_a_loop_without_optimizers_never_steps():
+    model, batches, _ = tiny_reference()
+    trace = trace_training(model, batches, None, iterations=3)
+    assert [it.stepped for it in trace.iterations] == [False] * 3
+    assert len({it.loss for it in trace.iterations}) == 1
+
+
+def test_user_model_without_taps_is_traced_per_leaf_module():
+    model = UserGPT()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    trace = trace_training(model, user_batches(), opt, iterations=2)
+    it = trace.iterations[0]
+    assert list(it.forward)[:2] == ["tok_emb", "pos_emb"]
+    assert "layers.0.qkv" in it.forward and "layers.1.ff.1" in it.forward and "head" in it.forward
+    assert "layers.0.ln#2" in it.forward  # called twice: recorded twice, not overwritten
+    assert it.forward["layers.0.ln"] != it.forward["layers.0.ln#2"]
+    assert "head" in it.stage_grads and "layers.0.ln#2" in it.stage_grads
+    assert "pos_emb" not in it.stage_grads or it.stage_grads["pos_emb"].numel > 0
+    assert it.param_grads["head.weight"].numel == 64 * 16
+    assert it.loss == pytest.approx(trace.iterations[0].loss) and trace.iterations[1].loss < it.loss
+    assert trace.config == {} and trace.model == "UserGPT"
+
+
+def test_hooks_are_removed_after_an_exception():
+    model, batches, _ = tiny_reference()
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(model):
+            model(*next(batches))
+            raise RuntimeError("boom")
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_hooks_are_removed_after_a_failing_step_in_trace_training():
+    model, batches, _ = tiny_reference()
+
+    def broken_loss(model, batch):
+        model(*batch)
+        raise ValueError("bad batch")
+
+    with pytest.raises(ValueError, match="bad batch"):
+        trace_training(model, batches, None, loss_fn=broken_loss)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_patterns_narrow_widen_and_exclude():
+    model, _, _ = tiny_reference()
+    narrow = [n for n, _ in select_stages(model, ["blocks.0.attn.*"])]
+    assert narrow[0] == "blocks.0.attn.norm" and all(n.startswith("blocks.0.attn.") for n in narrow)
+    wide = [n for n, _ in select_stages(model, ["*", "+blocks.*.attn.c_q"])]
+    assert "blocks.1.attn.c_q" in wide and "loss" in wide
+    dropped = [n for n, _ in select_stages(model, ["!lm_head.*", "!inputs.*"])]
+    assert "lm_head.logits" not in dropped and "inputs.idx" not in dropped and "final_norm" in dropped
+
+
+def test_patterns_that_select_nothing_name_the_stages():
+    model, _, _ = tiny_reference()
+    with pytest.raises(CaptureError, match=r"select none of the \d+ stages of GPT"):
+        select_stages(model, ["transformer.h.*"])
+
+
+def test_a_model_with_no_stages_is_refused_clearly():
+    class Doubler(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    with pytest.raises(CaptureError, match="Doubler has no stages"):
+        capture(Doubler())
+
+
+def test_a_replacing_hook_still_changes_the_model_under_capture():
+    model, batches, _ = tiny_reference()
+    idx, targets = next(batches)
+    model.blocks[0].mlp.relu2.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    with capture(model) as cap:
+        loss = model(idx, targets)
+        loss.backward()
+        cap.end_iteration(loss)
+    assert cap.iterations[0].forward["blocks.0.mlp.relu2"].all_zero
+
+
+def test_batches_that_run_out_are_reported():
+    model, batches, _ = tiny_reference()
+    with pytest.raises(CaptureError, match="ran out after 1 of 3"):
+        trace_training(model, [next(batches)], None, iterations=3)
