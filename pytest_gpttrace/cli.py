@@ -1,0 +1,139 @@
+"""The ``gpttrace`` command: trace the reference model, show and convert trace files.
+
+    gpttrace run [--depth 4] [--iterations 3] [--json PATH] [--markdown PATH]
+    gpttrace show TRACE            (JSON or seed-format Markdown) -> Markdown on stdout
+    gpttrace convert IN OUT        between JSON and Markdown, by OUT's suffix
+
+Exit codes: 0 ok, 2 usage or input error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+
+from .errors import GptTraceError
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from reference_model import GPT, GPTConfig, optimizers, synthetic_batches
+
+    from .traceio import write_trace
+    from .tracer import trace_training
+    from . import markdown
+
+    try:
+        config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.sequence_len)
+    except ValueError as exc:
+        raise SystemExit(_usage_error(f"run: {exc}"))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(_usage_error(f"run: --device {args.device}: CUDA is not available on this machine"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = GPT(config, seed=args.seed).to(args.device)
+    batches = synthetic_batches(config, seed=args.seed, device=args.device)
+    opts = [] if args.no_step else optimizers(model)
+    trace = trace_training(model, batches, opts, iterations=args.iterations,
+                           micro_steps=args.micro_steps, stages=args.stages or None)
+    options = dict(all_iterations=args.all_iterations, generated=_now())
+    if args.json:
+        write_trace(args.json, trace, "json")
+    if args.markdown:
+        write_trace(args.markdown, trace, "markdown", **options)
+    if not args.json and not args.markdown:
+        sys.stdout.write(markdown.render(trace, **options))
+    return EXIT_OK
+
+
+def cmd_show(args) -> int:
+    from . import markdown
+    from .traceio import read_trace
+
+    trace = read_trace(args.trace)
+    sys.stdout.write(markdown.render(trace, all_iterations=args.all_iterations))
+    return EXIT_OK
+
+
+def cmd_convert(args) -> int:
+    from .traceio import format_for, read_trace, write_trace
+
+    trace = read_trace(args.input)
+    fmt = args.to or format_for(args.output)
+    write_trace(args.output, trace, fmt, **({"all_iterations": True} if fmt == "markdown" else {}))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpttrace", description="Trace, show and convert GPT numerics traces.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="trace the reference model and write its report",
+                         description="Train the reference GPT for a few instrumented iterations and write the trace.")
+    run.add_argument("--depth", type=_positive, default=4, help="layers (width 64 per layer; default 4)")
+    run.add_argument("--sequence-len", type=_positive, default=1024, help="tokens per sequence (default 1024)")
+    run.add_argument("--vocab-size", type=_positive, default=65536, help="vocabulary size (default 65536)")
+    run.add_argument("--iterations", type=_positive, default=3, help="traced forward/backward passes (default 3)")
+    run.add_argument("--micro-steps", type=_positive, default=1,
+                     help="gradient-accumulation micro-steps per optimizer step (default 1)")
+    run.add_argument("--no-step", action="store_true", help="never step the optimizer (as the seed trace did)")
+    run.add_argument("--seed", type=int, default=42, help="init and data seed (default 42)")
+    run.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    run.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
+    run.add_argument("--stages", action="append", metavar="GLOB",
+                     help="stage glob (repeatable): plain keeps, +GLOB adds any module, !GLOB drops")
+    run.add_argument("--json", metavar="PATH", help="write the JSON trace here")
+    run.add_argument("--markdown", metavar="PATH", help="write the Markdown report here")
+    run.add_argument("--all-iterations", action="store_true", help="render every iteration in full")
+    run.set_defaults(func=cmd_run)
+
+    show = sub.add_parser("show", help="render a trace file (JSON or Markdown) as Markdown")
+    show.add_argument("trace", help="trace file")
+    show.add_argument("--all-iterations", action="store_true", help="render every iteration in full")
+    show.set_defaults(func=cmd_show)
+
+    convert = sub.add_parser("convert", help="convert a trace between JSON and Markdown")
+    convert.add_argument("input", help="trace file to read (JSON or Markdown)")
+    convert.add_argument("output", help="file to write; the format follows its suffix (.json, .md)")
+    convert.add_argument("--to", choices=("json", "markdown"), help="output format, overriding the suffix")
+    convert.set_defaults(func=cmd_convert)
+    return parser
+
+
+def _usage_error(message: str) -> int:
+    first = str(message).splitlines()[0] if str(message) else "error"
+    print(f"gpttrace: error: {first}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except GptTraceError as exc:
+        return _usage_error(str(exc))
+    except OSError as exc:
+        return _usage_error(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytest_gpttrace import markdown
+from pytest_gpttrace.cli import main
+from pytest_gpttrace.trace import load
+
+SEED = Path(__file__).parent / "data" / "seed_trace.md"
+
+
+def first_iteration_blocks(md: str) -> list[str]:
+    """Titles of the stat blocks of the first rendered iteration."""
+    body = md.split("ITERATION 2/")[0]
+    return [line for line in body.splitlines() if line.startswith("#### ")]
+
+
+@pytest.fixture(scope="module")
+def seed_config_run(tmp_path_factory):
+    """The acceptance run: the reference model at the seed config, 3 optimizer steps (about a minute)."""
+    out = tmp_path_factory.mktemp("run")
+    rc = main(["run", "--depth", "4", "--iterations", "3", "--json", str(out / "t.json"),
+               "--markdown", str(out / "t.md")])
+    assert rc == 0
+    return load(out / "t.json"), (out / "t.md").read_text()
+
+
+def test_run_reproduces_the_seed_structure(seed_config_run):
+    trace, md = seed_config_run
+    ours, seed = first_iteration_blocks(md), first_iteration_blocks(SEED.read_text())
+    assert len(seed) == 117
+    assert ours == seed
+    first = trace.iterations[0]
+    assert f"{first.loss:.6f}" == "11.090358"
+    assert [it.stepped for it in trace.iterations] == [True, True, True]
+    losses = [it.loss for it in trace.iterations]
+    assert losses[0] > losses[1] > losses[2]
+    assert abs(first.forward["embed.wte"].std - 1) < 0.01
+    assert 0.15 <= first.forward["blocks.0.attn.sdpa"].std <= 0.21
+    assert first.forward["lm_head.logits"].all_zero
+    assert first.param_grads["wte.weight"].all_zero and not first.param_grads["lm_head.weight"].all_zero
+    parsed = markdown.parse(md)
+    assert list(parsed.iterations[0].forward) == list(first.forward)
+
+
+def test_run_prints_markdown_to_stdout():
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest_gpttrace.cli", "run", "--depth", "1", "--sequence-len", "16",
+         "--vocab-size", "64", "--iterations", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("# GPT Component Debug Trace")
+    assert "ITERATION 2/2" in proc.stdout and "MODEL SCALING ANALYSIS" in proc.stdout
+
+
+def test_gpttrace_console_script_is_installed():
+    exe = shutil.which("gpttrace")
+    assert exe, "the gpttrace console script is not on PATH"
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "convert" in proc.stdout
+
+
+def test_show_renders_the_seed(capsys):
+    assert main(["show", str(SEED)]) == 0
+    out = capsys.readouterr().out
+    assert len(first_iteration_blocks(out)) == 117
+
+
+def test_convert_round_trips_the_seed(tmp_path):
+    j, md = tmp_path / "seed.json", tmp_path / "seed.md"
+    assert main(["convert", str(SEED), str(j)]) == 0
+    doc = json.loads(j.read_text())
+    assert doc["format"] == 1 and len(doc["iterations"]) == 3
+    assert main(["convert", str(j), str(md)]) == 0
+    assert markdown.parse(md.read_text()).iterations[0].forward == load(j).iterations[0].forward
+
+
+def broken_inputs(tmp_path):
+    good = tmp_path / "good.json"
+    main(["convert", str(SEED), str(good)])
+    text = good.read_text()
+    seed = SEED.read_text()
+    cases = {
+        "truncated.json": (text[: len(text) // 3], "not valid JSON"),
+        "future.json": (text.replace('"format": 1', '"format": 99', 1), "unknown trace format version 99"),
+        "broken.md": (seed.replace("**Mean**: <span style=\"color: #5faf00\">4730.903320</span>",
+                                   "**Mean**: <span style=\"color: #5faf00\">abc</span>", 1), ":"),
+        "empty.md": ("", "empty"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_text(content)
+        yield tmp_path / name, message
+
+
+def test_malformed_inputs_exit_2_with_one_line_naming_the_file(tmp_path, capsys):
+    for path, message in broken_inputs(tmp_path):
+        for argv in (["show", str(path)], ["convert", str(path), str(tmp_path / "out.json")]):
+            assert main(argv) == 2, path
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.startswith("gpttrace: error: ")
+            assert path.name in err and message in err
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_broken_markdown_names_the_line(tmp_path, capsys):
+    seed = SEED.read_text().splitlines()
+    line_no = next(i for i, line in enumerate(seed, 1) if "**Mean**" in line)
+    seed[line_no - 1] = "- **Mean**: <span style=\"color: #5faf00\">abc</span>"
+    p = tmp_path / "broken.md"
+    p.write_text("\n".join(seed))
+    assert main(["show", str(p)]) == 2
+    assert f"broken.md:{line_no}" in capsys.readouterr().err
+
+
+def test_bad_flags_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--depth", "0"])
+    assert info.value.code == 2
+    assert "--depth" in capsys.readouterr().err
