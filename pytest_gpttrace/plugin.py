@@ -1,4 +1,354 @@
-"""pytest adapter of pytest-gpttrace: options, fixtures and report hooks.
+"""pytest adapter of pytest-gpttrace: options, ini keys, the marker, fixtures and report hooks.
 
-Only pytest glue lives here; the logic is in plain modules of this package.
+Only pytest glue lives here; the logic is in plain modules of this package. torch is imported
+only by the fixtures, so a session that traces nothing does not pay for it.
 """
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+MARKER = "gpt_trace"
+SKIP_REASON = "GPT trace test: run it with `pytest --gpt-trace` (or add --gpt-trace to addopts)"
+_PROPERTY = "gpt_trace_summary"
+_UPDATED = "gpt_trace_golden_written"
+_MARKER_KEYS = ("iterations", "seed", "profile", "tolerances", "stages", "micro_steps")
+
+
+@dataclass
+class _Settings:
+    enabled: bool
+    update: bool
+    golden_dir: Path
+    results_dir: Path
+    report_dir: Path | None
+    profile: str
+    tolerances: list
+    iterations: int
+    rootdir: Path
+    summaries: list = field(default_factory=list)
+    written: list = field(default_factory=list)
+
+
+_SETTINGS = pytest.StashKey[_Settings]()
+_TRACE = pytest.StashKey[object]()
+_GOLDEN = pytest.StashKey[object]()
+
+
+# --------------------------------------------------------------------------- options
+def pytest_addoption(parser):
+    group = parser.getgroup("gpt-trace", "GPT numerics traces (pytest-gpttrace)")
+    group.addoption("--gpt-trace", action="store_true", default=None,
+                    help="run the tests that trace a GPT (gpt_trace fixture or marker) and compare them "
+                         "with their golden traces; without it they are skipped (ini: gpt_trace)")
+    group.addoption("--update-golden", action="store_true", default=False,
+                    help="implies --gpt-trace: write missing golden traces and rewrite those that no longer "
+                         "match; refused when the CI environment variable is set")
+    group.addoption("--gpt-trace-golden-dir", metavar="DIR", default=None,
+                    help="where golden traces live (default: golden/ at rootdir; ini: gpt_trace_golden_dir)")
+    group.addoption("--gpt-trace-results-dir", metavar="DIR", default=None,
+                    help="where obtained traces of failing tests are written "
+                         "(default: .gpttrace-results/ at rootdir; ini: gpt_trace_results_dir)")
+    group.addoption("--gpt-trace-report", metavar="DIR", default=None,
+                    help="also write every traced test's Markdown report and JSON trace to DIR (for CI artifacts)")
+    group.addoption("--gpt-trace-profile", metavar="NAME", default=None,
+                    help="tolerance profile: exact (default) or statistical (ini: gpt_trace_profile)")
+    parser.addini("gpt_trace", type="bool", default=False, help="run GPT trace tests without --gpt-trace")
+    parser.addini("gpt_trace_golden_dir", default="golden", help="golden trace folder, relative to rootdir")
+    parser.addini("gpt_trace_results_dir", default=".gpttrace-results",
+                  help="obtained traces of failing tests, relative to rootdir")
+    parser.addini("gpt_trace_profile", default="exact", help="tolerance profile: exact or statistical")
+    parser.addini("gpt_trace_iterations", default="3", help="traced iterations per test (default 3)")
+    parser.addini("gpt_trace_tolerances", type="linelist", default=[],
+                  help="tolerance overrides, one per line: 'STAGE_GLOB STAT_GLOB atol=X rtol=Y [rms_atol=Z]' "
+                       "or 'STAGE_GLOB STAT_GLOB skip'")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(iterations=3, seed=42, profile=None, tolerances=None, stages=None, micro_steps=1): "
+        "a GPT numerics trace test; see pytest-gpttrace's README",
+    )
+    from .compare import PROFILES, overrides_from_lines
+
+    update = config.getoption("update_golden")
+    if update and os.environ.get("CI"):
+        raise pytest.UsageError(
+            "--update-golden is refused because CI is set: CI never rewrites its own expectations. "
+            "Update the goldens locally and commit them."
+        )
+    enabled = bool(update or config.getoption("gpt_trace") or config.getini("gpt_trace"))
+    profile = config.getoption("gpt_trace_profile") or config.getini("gpt_trace_profile")
+    if profile not in PROFILES:
+        raise pytest.UsageError(f"--gpt-trace-profile / gpt_trace_profile: unknown profile {profile!r}; "
+                                f"choose one of {', '.join(PROFILES)}")
+    try:
+        tolerances = overrides_from_lines(config.getini("gpt_trace_tolerances"))
+    except ValueError as exc:
+        raise pytest.UsageError(f"ini gpt_trace_tolerances: {exc}") from None
+    try:
+        iterations = int(config.getini("gpt_trace_iterations"))
+        if iterations < 1:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"ini gpt_trace_iterations: expected a positive integer, "
+                                f"got {config.getini('gpt_trace_iterations')!r}") from None
+    rootdir = Path(config.rootpath)
+
+    def folder(option, ini):
+        value = config.getoption(option) or config.getini(ini)
+        return (rootdir / value) if not Path(value).is_absolute() else Path(value)
+
+    report = config.getoption("gpt_trace_report")
+    settings = config.stash[_SETTINGS] = _Settings(
+        enabled=enabled,
+        update=bool(update),
+        golden_dir=folder("gpt_trace_golden_dir", "gpt_trace_golden_dir"),
+        results_dir=folder("gpt_trace_results_dir", "gpt_trace_results_dir"),
+        report_dir=Path(report).resolve() if report else None,
+        profile=profile,
+        tolerances=tolerances,
+        iterations=iterations,
+        rootdir=rootdir,
+    )
+    config.pluginmanager.register(_Collector(settings), "gpt-trace-collector")
+
+
+def _is_trace_test(item) -> bool:
+    fixtures = getattr(item, "fixturenames", ())
+    return item.get_closest_marker(MARKER) is not None or "gpt_trace" in fixtures or "gpt_golden" in fixtures
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.stash[_SETTINGS].enabled:
+        return
+    skip = pytest.mark.skip(reason=SKIP_REASON)
+    for item in items:
+        if _is_trace_test(item):
+            item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------- fixtures
+def _marker_kwargs(request) -> dict:
+    marker = request.node.get_closest_marker(MARKER)
+    kwargs = dict(marker.kwargs) if marker else {}
+    unknown = set(kwargs) - set(_MARKER_KEYS)
+    if unknown or (marker and marker.args):
+        raise pytest.UsageError(
+            f"{request.node.nodeid}: @pytest.mark.{MARKER} takes keyword arguments "
+            f"{', '.join(_MARKER_KEYS)}; got {', '.join(sorted(unknown)) or 'positional arguments'}"
+        )
+    return kwargs
+
+
+@pytest.fixture
+def gpt_config():
+    """The model config; default: the seed config (depth 4, d 256, 2 heads, V 65536, T 1024)."""
+    from reference_model import GPTConfig
+
+    return GPTConfig.from_depth(4)
+
+
+@pytest.fixture
+def gpt_seed(request) -> int:
+    """Init and data seed: the marker's seed=, else 42."""
+    return int(_marker_kwargs(request).get("seed", 42))
+
+
+@pytest.fixture
+def gpt_model(gpt_config, gpt_seed):
+    """The reference GPT, seeded. Override this fixture to trace your own model."""
+    from reference_model import GPT
+
+    return GPT(gpt_config, seed=gpt_seed)
+
+
+@pytest.fixture
+def gpt_batches(gpt_config, gpt_seed):
+    """An iterator of (idx, targets) batches; default: the reference model's synthetic batches."""
+    from reference_model import synthetic_batches
+
+    return synthetic_batches(gpt_config, seed=gpt_seed)
+
+
+@pytest.fixture
+def gpt_optimizers(gpt_model):
+    """The reference optimizers for the reference GPT; AdamW(lr=1e-3) for any other model."""
+    import torch
+
+    from reference_model import GPT, optimizers
+
+    if isinstance(gpt_model, GPT):
+        return optimizers(gpt_model)
+    return [torch.optim.AdamW(gpt_model.parameters(), lr=1e-3)]
+
+
+@pytest.fixture
+def gpt_trace(request, gpt_model, gpt_batches, gpt_optimizers):
+    """Runs the marked number of instrumented training iterations and returns the Trace."""
+    from .tracer import trace_training
+
+    settings = request.config.stash[_SETTINGS]
+    kwargs = _marker_kwargs(request)
+    trace = trace_training(
+        gpt_model, gpt_batches, gpt_optimizers,
+        iterations=int(kwargs.get("iterations", settings.iterations)),
+        micro_steps=int(kwargs.get("micro_steps", 1)),
+        stages=kwargs.get("stages"),
+    )
+    request.node.stash[_TRACE] = trace
+    if settings.report_dir is not None:
+        _write_report(settings, request.node.nodeid, trace)
+    return trace
+
+
+@pytest.fixture
+def gpt_golden(request):
+    """This test's golden trace: ``assert gpt_trace == gpt_golden``."""
+    from .compare import get_profile
+    from .golden import GoldenTrace
+
+    settings = request.config.stash[_SETTINGS]
+    kwargs = _marker_kwargs(request)
+    try:
+        profile = get_profile(kwargs.get("profile") or settings.profile)
+    except ValueError as exc:
+        raise pytest.UsageError(f"{request.node.nodeid}: {exc}") from None
+    overrides = list(settings.tolerances) + _marker_tolerances(request, kwargs.get("tolerances"))
+    golden = GoldenTrace(
+        nodeid=request.node.nodeid,
+        golden_dir=settings.golden_dir,
+        results_dir=settings.results_dir,
+        rootdir=settings.rootdir,
+        profile=profile.with_overrides(overrides),
+        update=settings.update,
+    )
+    request.node.stash[_GOLDEN] = golden
+    return golden
+
+
+def _marker_tolerances(request, tolerances) -> list:
+    from .compare import Override, Tolerance, parse_override
+
+    if not tolerances:
+        return []
+    try:
+        if isinstance(tolerances, dict):  # {"stage_glob stat_glob": dict(atol=..) | None}
+            out = []
+            for key, value in tolerances.items():
+                stage, _, stat = key.partition(" ")
+                out.append(Override(stage, stat.strip() or "*", None if value is None else Tolerance(**value)))
+            return out
+        return [parse_override(line) for line in tolerances]
+    except (TypeError, ValueError) as exc:
+        raise pytest.UsageError(f"{request.node.nodeid}: @pytest.mark.{MARKER}(tolerances=...): {exc}") from None
+
+
+def _write_report(settings, nodeid, trace):
+    from . import markdown
+    from .golden import golden_relpath
+    from .trace import dumps
+    from .traceio import write_text_atomic
+
+    base = settings.report_dir / golden_relpath(nodeid, str(trace.environment.get("device_type", "cpu")))
+    write_text_atomic(base, dumps(trace))
+    write_text_atomic(base.with_suffix(".md"), markdown.render(trace))
+
+
+# --------------------------------------------------------------------------- reporting
+def pytest_assertrepr_compare(config, op, left, right):
+    from .golden import GoldenTrace
+
+    if op == "==":
+        for side in (right, left):
+            if isinstance(side, GoldenTrace) and side.failure:
+                return side.failure_lines()
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or _SETTINGS not in item.config.stash:
+        return
+    trace = item.stash.get(_TRACE, None)
+    if trace is None:
+        return
+    golden = item.stash.get(_GOLDEN, None)
+    if golden is not None and golden.failure and report.failed and call.excinfo is not None \
+            and call.excinfo.errisinstance(AssertionError):
+        # the whole report, untruncated, without pytest's traceback; then where the assert stands
+        entry = call.excinfo.traceback[-1]
+        where = f"{Path(str(entry.path)).name}:{entry.lineno + 1}: {str(entry.statement).strip()}"
+        report.longrepr = "\n".join(golden.failure_lines() + [where])
+    summary = _summary(item, trace, golden)
+    report.user_properties.append((_PROPERTY, summary))
+    if golden is not None and golden.written:
+        report.user_properties.append((_UPDATED, (golden.written, golden.display(golden.path))))
+
+
+def _summary(item, trace, golden) -> dict:
+    losses = [it.loss for it in trace.iterations if it.loss is not None]
+    resid = [s.std for name, s in (trace.iterations[0].forward.items() if trace.iterations else [])
+             if name.endswith("mlp_resid") and s.std is not None]
+    out_of_tol = len(golden.comparison.stages_differing) if golden and golden.comparison else 0
+    return {
+        "nodeid": item.nodeid,
+        "stages": len(trace.stage_names),
+        "iterations": len(trace.iterations),
+        "loss": (losses[0], losses[-1]) if losses else None,
+        "out_of_tolerance": out_of_tol,
+        "golden": golden.display(golden.path) if golden and golden.path else None,
+        "residual_std": resid,
+    }
+
+
+class _Collector:
+    """Gathers per-test summaries from reports, so it works under xdist (reports cross processes)."""
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def pytest_runtest_logreport(self, report):
+        for key, value in getattr(report, "user_properties", ()):
+            if key == _PROPERTY:
+                self.settings.summaries.append(value)
+            elif key == _UPDATED:
+                self.settings.written.append(tuple(value))
+
+
+def _sparkline(values) -> str:
+    bars = "▁▂▃▄▅▆▇█"
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    if hi - lo <= 1e-12 * max(abs(hi), 1.0):
+        return bars[3] * len(values)
+    return "".join(bars[min(7, int((v - lo) / (hi - lo) * 7.999))] for v in values)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _SETTINGS not in config.stash or not config.stash[_SETTINGS].enabled:
+        return
+    settings = config.stash[_SETTINGS]
+    summaries, written = settings.summaries, settings.written
+    if not summaries and not written:
+        return
+    tr = terminalreporter
+    tr.write_sep("-", "gpt-trace")
+    for s in summaries:
+        loss = f"loss {s['loss'][0]:.6f} -> {s['loss'][1]:.6f}" if s["loss"] else "no loss"
+        golden = f"golden {s['golden']}" if s["golden"] else "no golden"
+        tr.write_line(f"{s['nodeid']}: {s['stages']} stages, {s['iterations']} iterations, {loss}, "
+                      f"{s['out_of_tolerance']} out of tolerance, {golden}")
+        if config.get_verbosity() > 0 and s["residual_std"]:
+            tr.write_line(f"    residual std by layer {_sparkline(s['residual_std'])} "
+                          f"({s['residual_std'][0]:.3g} .. {s['residual_std'][-1]:.3g})")
+    for action, path in written:
+        tr.write_line(f"golden {action}: {path}")

@@ -10,7 +10,6 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import markdown
 from .errors import TraceFormatError
 from .trace import Trace, dumps, loads
 
@@ -30,6 +29,8 @@ def read_trace(path) -> Trace:
         raise TraceFormatError(path, "", "not a text file (expected a JSON trace or a Markdown report)") from None
     if text.lstrip().startswith("{") or path.suffix == ".json":
         return loads(text, file=path)
+    from . import markdown
+
     return markdown.parse(text, file=path)
 
 
@@ -38,7 +39,11 @@ def format_for(path) -> str:
 
 
 def render_trace(trace: Trace, fmt: str, **markdown_options) -> str:
-    return markdown.render(trace, **markdown_options) if fmt == "markdown" else dumps(trace)
+    if fmt != "markdown":
+        return dumps(trace)
+    from . import markdown
+
+    return markdown.render(trace, **markdown_options)
 
 
 def write_text_atomic(path, text: str) -> bool:

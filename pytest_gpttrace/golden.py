@@ -1,0 +1,159 @@
+"""Golden trace files: paths from test node ids, comparison on ``==``, updates, obtained results.
+
+``GoldenTrace`` stands for one test's golden file. ``trace == golden`` compares (or, in update
+mode, writes the golden when it is missing or no longer matches, so an unchanged golden is never
+rewritten) and keeps what a failure report needs. Nothing here imports pytest: the plugin turns
+``failure_lines()`` into the assertion message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .compare import Comparison, Profile, check_same_config, compare
+from .errors import GptTraceError
+from .trace import Trace, dumps, load
+from .traceio import write_text_atomic
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _safe(part: str) -> str:
+    """A file-name-safe part; a short hash of the original keeps two different parts apart."""
+    clean = _UNSAFE.sub("_", part).strip("._") or "_"
+    if clean != part:
+        clean += "-" + hashlib.sha1(part.encode()).hexdigest()[:8]
+    return clean
+
+
+def golden_relpath(nodeid: str, device_type: str = "cpu") -> Path:
+    """tests/test_m.py::TestC::test_f[p] -> tests/test_m/TestC/test_f[p] as a sanitised relative path.
+
+    Non-CPU runs get the device type in the name, so a CPU golden is never compared with a CUDA run.
+    """
+    path, _, rest = nodeid.partition("::")
+    parts = [p for p in Path(path).with_suffix("").parts if p not in ("", ".", "..")]
+    names = rest.split("::") if rest else ["module"]
+    *classes, func = names
+    stem = _safe(func)
+    if device_type != "cpu":
+        stem += f".{_safe(device_type)}"
+    return Path(*[_safe(p) for p in parts], *[_safe(c) for c in classes], stem + ".json")
+
+
+@dataclass
+class GoldenTrace:
+    """One test's golden trace; compare with ``assert trace == golden``."""
+
+    nodeid: str
+    golden_dir: Path
+    results_dir: Path
+    rootdir: Path
+    profile: Profile
+    update: bool = False
+    command: str = "pytest --gpt-trace"
+    # filled by the comparison
+    path: Path | None = None
+    comparison: Comparison | None = None
+    failure: list[str] | None = None
+    obtained_path: Path | None = None
+    written: str | None = None  # "created" | "updated" when update mode wrote the file
+    error: GptTraceError | None = None
+    obtained: Trace | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return f"GoldenTrace({self.display(self.path) if self.path else self.nodeid})"
+
+    def display(self, path: Path) -> str:
+        try:
+            return str(Path(path).resolve().relative_to(self.rootdir.resolve()))
+        except ValueError:
+            return str(path)
+
+    def path_for(self, trace: Trace) -> Path:
+        return self.golden_dir / golden_relpath(self.nodeid, str(trace.environment.get("device_type", "cpu")))
+
+    @property
+    def update_command(self) -> str:
+        return f"{self.command} --update-golden '{self.nodeid}'"
+
+    def __eq__(self, other) -> bool:
+        __tracebackhide__ = True
+        if not isinstance(other, Trace):
+            return NotImplemented
+        return self.matches(other)
+
+    def __ne__(self, other):
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    __hash__ = None
+
+    def matches(self, obtained: Trace) -> bool:
+        self.obtained = obtained
+        self.path = self.path_for(obtained)
+        self.failure = None
+        golden = None
+        if self.path.exists():
+            try:
+                golden = load(self.path)
+            except GptTraceError as exc:
+                self.error = exc
+        if self.update:
+            if golden is not None and not check_same_config(golden, obtained) \
+                    and compare(golden, obtained, self.profile).ok:
+                return True  # unchanged within tolerance: no rewrite, no churn
+            existed = self.path.exists()
+            write_text_atomic(self.path, dumps(obtained))
+            self.written = "updated" if existed else "created"
+            return True
+        if golden is None:
+            self.obtained_path = self._write_obtained(obtained)
+            if self.error is not None:
+                where = f"at {self.error.path}: " if getattr(self.error, "path", "") else ""
+                detail = getattr(self.error, "detail", str(self.error))
+                self.failure = [
+                    f"malformed golden trace {self.display(self.path)}: {where}{detail}",
+                    f"obtained trace written to {self.display(self.obtained_path)}",
+                    f"fix the file, or regenerate it: {self.update_command}",
+                ]
+            else:
+                self.failure = [
+                    f"golden trace missing: {self.display(self.path)}",
+                    f"obtained trace written to {self.display(self.obtained_path)}",
+                    f"create it: {self.update_command}",
+                ]
+            return False
+        config_diff = check_same_config(golden, obtained)
+        if config_diff:
+            self.obtained_path = self._write_obtained(obtained)
+            self.failure = [
+                f"golden trace {self.display(self.path)} is of another model config: {'; '.join(config_diff)}",
+                f"obtained trace written to {self.display(self.obtained_path)}",
+                f"if the config change is intended: {self.update_command}",
+            ]
+            return False
+        self.comparison = compare(golden, obtained, self.profile)
+        if self.comparison.ok:
+            return True
+        self.obtained_path = self._write_obtained(obtained)
+        from .report import render_comparison
+
+        self.failure = render_comparison(
+            self.comparison,
+            golden_name=self.display(self.path),
+            obtained_name=self.display(self.obtained_path),
+            accept_command=self.update_command,
+        )
+        return False
+
+    def _write_obtained(self, obtained: Trace) -> Path:
+        path = self.results_dir / golden_relpath(self.nodeid, str(obtained.environment.get("device_type", "cpu")))
+        write_text_atomic(path, dumps(obtained))
+        return path
+
+    def failure_lines(self) -> list[str]:
+        return list(self.failure or ["the trace matches its golden"])

@@ -1,0 +1,225 @@
+"""The plugin end to end, through pytester: options, fixtures, the golden life cycle, reports."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# In-process pytester runs unload the modules a run imported, and torch cannot be imported twice:
+# import torch, and let one tiny step pull in what torch imports lazily, before any run.
+import pytest_gpttrace.golden  # noqa: F401
+from pytest_gpttrace.tracer import trace_training
+from tests.models import UserGPT, tiny_reference, user_batches
+
+trace_training(*tiny_reference(), iterations=1)
+trace_training(UserGPT(), user_batches(), None, iterations=1)
+
+pytest_plugins = ["pytester"]
+
+CONFTEST = """
+import pytest
+from reference_model import GPTConfig
+
+@pytest.fixture
+def gpt_config():
+    return GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=16)
+"""
+
+TEST_FILE = """
+import pytest
+
+@pytest.mark.gpt_trace(iterations=2)
+def test_model(gpt_trace, gpt_golden):
+    assert gpt_trace == gpt_golden
+"""
+
+GOLDEN = Path("golden/test_model/test_model.json")
+
+
+@pytest.fixture
+def project(pytester, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_model=TEST_FILE)
+    return pytester
+
+
+def run(pytester, *args):
+    return pytester.runpytest_inprocess("-p", "no:cacheprovider", *args)
+
+
+def run_subprocess(pytester, *args):
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+
+
+def nudge_std(path: Path, stage: str, factor: float, iteration: int = 0):
+    doc = json.loads(path.read_text())
+    stats = doc["iterations"][iteration]["forward"][stage]
+    stats["std"] *= factor
+    path.write_text(json.dumps(doc))
+
+
+def test_golden_life_cycle(project):
+    p = project
+    # missing: fails with the command that creates it, writes nothing under golden/
+    result = run(p, "--gpt-trace")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*golden trace missing: golden/test_model/test_model.json*",
+        "*obtained trace written to .gpttrace-results/test_model/test_model.json*",
+        "*create it: pytest --gpt-trace --update-golden 'test_model.py::test_model'*",
+    ])
+    assert not (p.path / "golden").exists()
+    assert (p.path / ".gpttrace-results/test_model/test_model.json").exists()
+    # create
+    result = run(p, "--update-golden")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*gpt-trace*", "*golden created: golden/test_model/test_model.json*"])
+    golden = p.path / GOLDEN
+    assert json.loads(golden.read_text())["format"] == 1
+    # pass, and an unchanged golden is not rewritten
+    mtime = golden.stat().st_mtime_ns
+    run(p, "--gpt-trace").assert_outcomes(passed=1)
+    result = run(p, "--update-golden")
+    result.assert_outcomes(passed=1)
+    assert "golden updated" not in result.stdout.str() and golden.stat().st_mtime_ns == mtime
+    # change beyond tolerance: fails with the table; --update-golden rewrites it; then passes
+    nudge_std(golden, "blocks.1.attn.q_rope", 1.01)
+    result = run(p, "--gpt-trace")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*1 stage out of tolerance (profile exact); first divergence: blocks.1.attn.q_rope (forward), iteration 0, std*",
+        "*iter*pass*stage*stat*golden*obtained*difference*allowed*",
+        "*0*fwd*blocks.1.attn.q_rope*std*",
+        "*accept it: pytest --gpt-trace --update-golden 'test_model.py::test_model'*",
+    ])
+    result = run(p, "--update-golden")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*golden updated: golden/test_model/test_model.json*"])
+    run(p, "--gpt-trace").assert_outcomes(passed=1)
+
+
+def test_failure_message_has_no_pytest_internals(project):
+    run(project, "--update-golden").assert_outcomes(passed=1)
+    nudge_std(project.path / GOLDEN, "embed.norm", 1.5)
+    result = run(project, "--gpt-trace")
+    out = result.stdout.str()
+    assert "_pytest/" not in out and "pytest_gpttrace/" not in out and "site-packages" not in out
+    assert "first divergence: embed.norm (forward), iteration 0, std" in out
+
+
+def test_a_missing_stage_fails(project):
+    run(project, "--update-golden").assert_outcomes(passed=1)
+    golden = project.path / GOLDEN
+    doc = json.loads(golden.read_text())
+    doc["iterations"][0]["forward"]["blocks.9.extra"] = doc["iterations"][0]["forward"]["final_norm"]
+    golden.write_text(json.dumps(doc))
+    result = run(project, "--gpt-trace")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*blocks.9.extra*presence*present*missing*"])
+
+
+def test_malformed_golden_names_the_file_and_json_path(project):
+    run(project, "--update-golden").assert_outcomes(passed=1)
+    golden = project.path / GOLDEN
+    golden.write_text(golden.read_text().replace('"std": ', '"std": "x", "was": ', 1))
+    result = run(project, "--gpt-trace")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(['malformed golden trace golden/test_model/test_model.json: '
+                                 'at $.iterations[[]0[]].forward[[]"inputs.idx"[]].std: expected a number or null*'])
+
+
+def test_skipped_without_the_flag_with_a_reason(project):
+    result = run(project, "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*run it with `pytest --gpt-trace`*"])
+
+
+def test_update_golden_is_refused_under_ci(project, monkeypatch):
+    monkeypatch.setenv("CI", "1")
+    result = run(project, "--update-golden")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*--update-golden is refused because CI is set*"])
+
+
+def test_unknown_profile_is_a_usage_error(project):
+    result = run(project, "--gpt-trace", "--gpt-trace-profile", "loose")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*unknown profile 'loose'*exact, statistical*"])
+
+
+def test_ini_tolerances_and_marker_tolerances_loosen_a_stage(project):
+    run(project, "--update-golden").assert_outcomes(passed=1)
+    nudge_std(project.path / GOLDEN, "blocks.1.attn.q_rope", 1.01)
+    run(project, "--gpt-trace").assert_outcomes(failed=1)
+    project.makeini("[pytest]\ngpt_trace_tolerances =\n    blocks.*.attn.q_rope std rtol=0.05\n")
+    run(project, "--gpt-trace").assert_outcomes(passed=1)
+    project.makeini("[pytest]\n")
+    project.makepyfile(test_model=TEST_FILE.replace(
+        "iterations=2)", "iterations=2, tolerances=['blocks.1.attn.* std rtol=0.05'])"))
+    run(project, "--gpt-trace").assert_outcomes(passed=1)
+
+
+def test_report_dir_gets_markdown_and_json(project, tmp_path):
+    run(project, "--update-golden").assert_outcomes(passed=1)
+    out = tmp_path / "reports"
+    run(project, "--gpt-trace", "--gpt-trace-report", str(out)).assert_outcomes(passed=1)
+    md = (out / "test_model/test_model.md").read_text()
+    assert md.startswith("# GPT Component Debug Trace")
+    assert json.loads((out / "test_model/test_model.json").read_text())["format"] == 1
+
+
+def test_terminal_summary_lines(project):
+    run(project, "--update-golden").assert_outcomes(passed=1)
+    result = run(project, "--gpt-trace", "-v")
+    result.stdout.fnmatch_lines([
+        "*- gpt-trace -*",
+        "test_model.py::test_model: 48 stages, 2 iterations, loss 4.158883 -> *, 0 out of tolerance, golden golden/test_model/test_model.json",
+        "*residual std by layer*",
+    ])
+
+
+@pytest.mark.parametrize("mode", ["--update-golden", "--gpt-trace"])
+def test_xdist_compare_and_update(project, mode):
+    project.makepyfile(test_more="""
+import pytest
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_seeds(gpt_config, seed, gpt_golden):
+    from reference_model import GPT, optimizers, synthetic_batches
+    from pytest_gpttrace import trace_training
+    model = GPT(gpt_config, seed=seed)
+    trace = trace_training(model, synthetic_batches(gpt_config, seed=seed), optimizers(model), iterations=1)
+    assert trace == gpt_golden
+""")
+    run(project, "--update-golden").assert_outcomes(passed=4)
+    result = run_subprocess(project, mode, "-n", "2")
+    result.assert_outcomes(passed=4)
+    if mode == "--gpt-trace":
+        result.stdout.fnmatch_lines(["*test_model.py::test_model: 48 stages*"])
+    assert len(list((project.path / "golden").rglob("*.json"))) == 4
+
+
+def test_user_model_without_taps(pytester, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    pytester.makeconftest("""
+import pytest, torch
+from tests_models import UserGPT, user_batches
+
+@pytest.fixture
+def gpt_model():
+    return UserGPT()
+
+@pytest.fixture
+def gpt_batches():
+    return user_batches()
+""")
+    pytester.makepyfile(tests_models=Path(__file__).with_name("models.py").read_text())
+    pytester.makepyfile(test_user="""
+def test_user_gpt(gpt_trace, gpt_golden):
+    assert "layers.0.qkv" in gpt_trace.stage_names and gpt_trace.model == "UserGPT"
+    assert gpt_trace == gpt_golden
+""")
+    run(pytester, "--update-golden").assert_outcomes(passed=1)
+    run(pytester, "--gpt-trace").assert_outcomes(passed=1)
