@@ -37,7 +37,12 @@ class Tolerance:
     rms_atol: float = 0.0
 
     def allowed(self, golden: float, golden_rms: float | None) -> float:
-        return self.atol + self.rtol * abs(golden) + self.rms_atol * abs(golden_rms or 0.0)
+        total = self.atol
+        if self.rtol:
+            total += self.rtol * abs(golden)
+        if self.rms_atol and golden_rms is not None and math.isfinite(golden_rms):
+            total += self.rms_atol * abs(golden_rms)
+        return total
 
 
 @dataclass(frozen=True)
@@ -88,21 +93,22 @@ EXACT = Profile(
     loss=Tolerance(atol=1e-6, rtol=1e-5),
 )
 
-# For a golden from another random draw or real data (the seed report). Calibrated by tracing the
-# reference model at the seed config with data seeds 0-7 against the seed report: the spread of
-# each statistic across draws, doubled. Data-dependent statistics are excluded: the input token
-# ids (another tokenizer or text gives other ids), and the loss stage's shape (the seed prints its
-# scalar loss as shape (1,)).
+# For a golden from another random draw or real data (the seed report). Calibrated on the reference
+# model at the seed config: 8 draws (init seeds 1000-1007, data seeds 0-7) against one draw, largest
+# deviation per statistic over every stage: mean 0.11 x rms, std and rms 18%, min 38%, max 72% (the
+# attention outputs, the most data-dependent stage), zero fraction 0.004. The tolerances are about
+# twice that. Data-dependent statistics are excluded: the input token ids (another tokenizer or text
+# gives other ids), and the loss stage's shape (the seed prints its scalar loss as shape (1,)).
 STATISTICAL = Profile(
     name="statistical",
     description="another random draw or real data: tolerances from sampling spread",
     tolerances={
-        "mean": Tolerance(atol=1e-6, rms_atol=0.05, rtol=0.0),
-        "std": Tolerance(atol=1e-6, rtol=0.15),
-        "rms": Tolerance(atol=1e-6, rtol=0.15),
-        "min": Tolerance(atol=1e-6, rtol=0.5),
-        "max": Tolerance(atol=1e-6, rtol=0.5),
-        "zero_frac": Tolerance(atol=0.05),
+        "mean": Tolerance(atol=1e-6, rms_atol=0.2),
+        "std": Tolerance(atol=1e-6, rtol=0.35),
+        "rms": Tolerance(atol=1e-6, rtol=0.35),
+        "min": Tolerance(atol=1e-6, rtol=1.5),
+        "max": Tolerance(atol=1e-6, rtol=1.5),
+        "zero_frac": Tolerance(atol=0.01),
     },
     loss=Tolerance(atol=1e-4, rtol=0.01),
     overrides=(
@@ -195,6 +201,8 @@ class Comparison:
 
 def _close(golden, obtained, tol: Tolerance, golden_rms) -> tuple[bool, float]:
     allowed = tol.allowed(golden, golden_rms)
+    if golden == obtained:
+        return True, allowed
     if math.isnan(golden) or math.isnan(obtained):
         return math.isnan(golden) and math.isnan(obtained), allowed
     if math.isinf(golden) or math.isinf(obtained):
