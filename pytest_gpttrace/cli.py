@@ -3,8 +3,10 @@
     gpttrace run [--depth 4] [--iterations 3] [--json PATH] [--markdown PATH]
     gpttrace show TRACE            (JSON or seed-format Markdown) -> Markdown on stdout
     gpttrace convert IN OUT        between JSON and Markdown, by OUT's suffix
+    gpttrace diff GOLDEN OBTAINED  the golden-comparison report (exit 1 when they differ)
 
-Exit codes: 0 ok, 2 usage or input error (one line on stderr).
+Exit codes: 0 ok (diff: the traces match), 1 the traces differ, 2 usage or input error (one line
+on stderr).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from datetime import datetime, timezone
 
 from .errors import GptTraceError
 
-EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_OK, EXIT_DIFFER, EXIT_USAGE = 0, 1, 2
 
 
 def _positive(value: str) -> int:
@@ -82,6 +84,25 @@ def cmd_convert(args) -> int:
     return EXIT_OK
 
 
+def cmd_diff(args) -> int:
+    from .compare import check_same_config, compare, get_profile, overrides_from_lines
+    from .report import render_comparison
+    from .traceio import read_trace
+
+    try:
+        profile = get_profile(args.profile).with_overrides(overrides_from_lines(args.tolerance or []))
+    except ValueError as exc:
+        raise SystemExit(_usage_error(f"diff: {exc}"))
+    golden, obtained = read_trace(args.golden), read_trace(args.obtained)
+    config_diff = check_same_config(golden, obtained)
+    if config_diff:
+        print(f"the traces are of different model configs: {'; '.join(config_diff)}")
+        return EXIT_DIFFER
+    result = compare(golden, obtained, profile)
+    print("\n".join(render_comparison(result, golden_name=args.golden, obtained_name=None)))
+    return EXIT_OK if result.ok else EXIT_DIFFER
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpttrace", description="Trace, show and convert GPT numerics traces.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -115,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", help="file to write; the format follows its suffix (.json, .md)")
     convert.add_argument("--to", choices=("json", "markdown"), help="output format, overriding the suffix")
     convert.set_defaults(func=cmd_convert)
+
+    diff = sub.add_parser("diff", help="compare two traces under a tolerance profile",
+                          description="Compare OBTAINED with GOLDEN (either JSON or Markdown); exit 1 when they differ.")
+    diff.add_argument("golden", help="the expected trace")
+    diff.add_argument("obtained", help="the trace to check")
+    diff.add_argument("--profile", default="exact", help="tolerance profile: exact (default) or statistical")
+    diff.add_argument("--tolerance", action="append", metavar="LINE",
+                      help="override, repeatable: 'STAGE_GLOB STAT_GLOB atol=X rtol=Y' or 'STAGE_GLOB STAT_GLOB skip'")
+    diff.set_defaults(func=cmd_diff)
     return parser
 
 

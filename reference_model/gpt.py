@@ -85,6 +85,12 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+def softcap(logits, cap):
+    """A smooth clamp of the logits to (-cap, cap), computed in float32."""
+    logits = logits.float()
+    return cap * torch.tanh(logits / cap)
+
+
 def rotary_tables(positions, head_dim, base=10000.0, dtype=torch.bfloat16):
     """cos and sin for the given positions, shaped (1, T, 1, head_dim/2) to broadcast over (B, T, H, D/2)."""
     positions = torch.as_tensor(positions)
@@ -220,10 +226,7 @@ class GPT(nn.Module):
             x = block(x, cos, sin)
         x = self.final_norm(norm(x))
         logits = self.lm_head.logits(self.lm_head(x))
-        # softcap: a smooth clamp of the logits to (-softcap, softcap)
-        softcap = self.config.softcap
-        logits = logits.float()
-        logits = self.lm_head.softcap(softcap * torch.tanh(logits / softcap))
+        logits = self.lm_head.softcap(softcap(logits, self.config.softcap))
         if targets is None:
             return logits
         loss = F.cross_entropy(
