@@ -18,7 +18,7 @@ from .errors import GptTraceError
 from .trace import Trace, dumps, load
 from .traceio import write_text_atomic
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._\[\]-]+")
 
 
 def _safe(part: str) -> str:
