@@ -4,9 +4,10 @@
     gpttrace show TRACE            (JSON or seed-format Markdown) -> Markdown on stdout
     gpttrace convert IN OUT        between JSON and Markdown, by OUT's suffix
     gpttrace diff GOLDEN OBTAINED  the golden-comparison report (exit 1 when they differ)
+    gpttrace check TRACE           anomalies with diagnoses (exit 1 when any is an error)
 
-Exit codes: 0 ok (diff: the traces match), 1 the traces differ, 2 usage or input error (one line
-on stderr).
+Exit codes: 0 ok, 1 the traces differ (diff) or an anomaly is an error (check), 2 usage or input
+error (one line on stderr).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def cmd_run(args) -> int:
     opts = [] if args.no_step else optimizers(model)
     trace = trace_training(model, batches, opts, iterations=args.iterations,
                            micro_steps=args.micro_steps, stages=args.stages or None)
-    options = dict(all_iterations=args.all_iterations, generated=_now())
+    options = dict(all_iterations=args.all_iterations, generated=_now(), anomalies=_anomaly_section(trace))
     if args.json:
         write_trace(args.json, trace, "json")
     if args.markdown:
@@ -71,7 +72,7 @@ def cmd_show(args) -> int:
     from .traceio import read_trace
 
     trace = read_trace(args.trace)
-    sys.stdout.write(markdown.render(trace, all_iterations=args.all_iterations))
+    sys.stdout.write(markdown.render(trace, all_iterations=args.all_iterations, anomalies=_anomaly_section(trace)))
     return EXIT_OK
 
 
@@ -82,6 +83,31 @@ def cmd_convert(args) -> int:
     fmt = args.to or format_for(args.output)
     write_trace(args.output, trace, fmt, **({"all_iterations": True} if fmt == "markdown" else {}))
     return EXIT_OK
+
+
+def _anomaly_section(trace) -> str:
+    from .anomalies import detect, render_markdown
+
+    return render_markdown(detect(trace))
+
+
+def cmd_check(args) -> int:
+    from .anomalies import RULES, Thresholds, detect, errors, parse_thresholds, render_text
+    from .traceio import read_trace
+
+    unknown = [r for r in args.allow or [] if r not in RULES]
+    if unknown:
+        raise SystemExit(_usage_error(f"check: --allow: unknown rule {', '.join(unknown)}; known: {', '.join(RULES)}"))
+    try:
+        thresholds = Thresholds().updated(parse_thresholds(args.threshold or []))
+    except ValueError as exc:
+        raise SystemExit(_usage_error(f"check: --threshold: {exc}"))
+    trace = read_trace(args.trace)
+    found = detect(trace, thresholds, allow=args.allow or [])
+    print(f"{args.trace}: {len(errors(found))} errors, "
+          f"{sum(a.severity == 'warning' for a in found)} warnings, {sum(a.severity == 'info' for a in found)} infos")
+    print("\n".join(render_text(found, include_info=not args.quiet)))
+    return EXIT_DIFFER if errors(found) else EXIT_OK
 
 
 def cmd_diff(args) -> int:
@@ -145,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--tolerance", action="append", metavar="LINE",
                       help="override, repeatable: 'STAGE_GLOB STAT_GLOB atol=X rtol=Y' or 'STAGE_GLOB STAT_GLOB skip'")
     diff.set_defaults(func=cmd_diff)
+
+    check = sub.add_parser("check", help="report anomalies with diagnoses (exit 1 on any error)",
+                           description="Run the anomaly rules over a trace (JSON or Markdown).")
+    check.add_argument("trace", help="trace file")
+    check.add_argument("--allow", action="append", metavar="RULE", help="downgrade this rule's errors to infos (repeatable)")
+    check.add_argument("--threshold", action="append", metavar="NAME=VALUE", help="override a threshold (repeatable)")
+    check.add_argument("-q", "--quiet", action="store_true", help="leave out the infos")
+    check.set_defaults(func=cmd_check)
     return parser
 
 

@@ -16,7 +16,7 @@ MARKER = "gpt_trace"
 SKIP_REASON = "GPT trace test: run it with `pytest --gpt-trace` (or add --gpt-trace to addopts)"
 _PROPERTY = "gpt_trace_summary"
 _UPDATED = "gpt_trace_golden_written"
-_MARKER_KEYS = ("iterations", "seed", "profile", "tolerances", "stages", "micro_steps")
+_MARKER_KEYS = ("iterations", "seed", "profile", "tolerances", "stages", "micro_steps", "allow", "thresholds")
 
 
 @dataclass
@@ -29,6 +29,8 @@ class _Settings:
     profile: str
     tolerances: list
     iterations: int
+    allow: list
+    thresholds: dict
     rootdir: Path
     summaries: list = field(default_factory=list)
     written: list = field(default_factory=list)
@@ -63,6 +65,10 @@ def pytest_addoption(parser):
                   help="obtained traces of failing tests, relative to rootdir")
     parser.addini("gpt_trace_profile", default="exact", help="tolerance profile: exact or statistical")
     parser.addini("gpt_trace_iterations", default="3", help="traced iterations per test (default 3)")
+    parser.addini("gpt_trace_allow", type="linelist", default=[],
+                  help="anomaly rule ids whose errors do not fail tests (they are still reported)")
+    parser.addini("gpt_trace_thresholds", type="linelist", default=[],
+                  help="anomaly thresholds, one 'name = value' per line (see the README's rule table)")
     parser.addini("gpt_trace_tolerances", type="linelist", default=[],
                   help="tolerance overrides, one per line: 'STAGE_GLOB STAT_GLOB atol=X rtol=Y [rms_atol=Z]' "
                        "or 'STAGE_GLOB STAT_GLOB skip'")
@@ -71,9 +77,11 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(iterations=3, seed=42, profile=None, tolerances=None, stages=None, micro_steps=1): "
+        f"{MARKER}(iterations=3, seed=42, profile=None, tolerances=None, stages=None, micro_steps=1, "
+        "allow=(), thresholds=None): "
         "a GPT numerics trace test; see pytest-gpttrace's README",
     )
+    from .anomalies import RULES, parse_thresholds
     from .compare import PROFILES, overrides_from_lines
 
     update = config.getoption("update_golden")
@@ -98,6 +106,14 @@ def pytest_configure(config):
     except ValueError:
         raise pytest.UsageError(f"ini gpt_trace_iterations: expected a positive integer, "
                                 f"got {config.getini('gpt_trace_iterations')!r}") from None
+    allow = list(config.getini("gpt_trace_allow"))
+    unknown = [r for r in allow if r not in RULES]
+    if unknown:
+        raise pytest.UsageError(f"ini gpt_trace_allow: unknown rule {', '.join(unknown)}; known: {', '.join(RULES)}")
+    try:
+        thresholds = parse_thresholds(config.getini("gpt_trace_thresholds"))
+    except ValueError as exc:
+        raise pytest.UsageError(f"ini gpt_trace_thresholds: {exc}") from None
     rootdir = Path(config.rootpath)
 
     def folder(option, ini):
@@ -114,6 +130,8 @@ def pytest_configure(config):
         profile=profile,
         tolerances=tolerances,
         iterations=iterations,
+        allow=allow,
+        thresholds=thresholds,
         rootdir=rootdir,
     )
     config.pluginmanager.register(_Collector(settings), "gpt-trace-collector")
@@ -257,7 +275,9 @@ def _write_report(settings, nodeid, trace):
 
     base = settings.report_dir / golden_relpath(nodeid, str(trace.environment.get("device_type", "cpu")))
     write_text_atomic(base, dumps(trace))
-    write_text_atomic(base.with_suffix(".md"), markdown.render(trace))
+    from .anomalies import detect, render_markdown
+
+    write_text_atomic(base.with_suffix(".md"), markdown.render(trace, anomalies=render_markdown(detect(trace))))
 
 
 # --------------------------------------------------------------------------- reporting
@@ -287,10 +307,39 @@ def pytest_runtest_makereport(item, call):
         entry = call.excinfo.traceback[-1]
         where = f"{Path(str(entry.path)).name}:{entry.lineno + 1}: {str(entry.statement).strip()}"
         report.longrepr = "\n".join(golden.failure_lines() + [where])
+    anomalies = _anomalies(item, trace)
+    blocking = [a for a in anomalies if a.severity == "error"]
+    if blocking and report.when == "call" and (report.passed or (golden is not None and golden.failure)):
+        from .anomalies import render_text
+
+        lines = [f"{len(blocking)} anomal{'y' if len(blocking) == 1 else 'ies'} in the trace: "
+                 f"{blocking[0].symptom}"] + render_text(blocking, include_info=False)
+        lines.append("to accept a rule for this test: @pytest.mark.gpt_trace(allow=[\"RULE\"]), "
+                     "or ini gpt_trace_allow")
+        if report.passed:
+            report.outcome = "failed"
+            report.longrepr = "\n".join(lines)
+        else:
+            report.longrepr = str(report.longrepr) + "\n\n" + "\n".join(lines)
     summary = _summary(item, trace, golden)
+    summary["anomalies"] = [(a.severity, a.rule, a.symptom, a.where) for a in anomalies if a.severity != "info"]
+    summary["infos"] = sum(1 for a in anomalies if a.severity == "info")
     report.user_properties.append((_PROPERTY, summary))
     if golden is not None and golden.written:
         report.user_properties.append((_UPDATED, (golden.written, golden.display(golden.path))))
+
+
+def _anomalies(item, trace) -> list:
+    from .anomalies import Thresholds, detect
+
+    settings = item.config.stash[_SETTINGS]
+    marker = item.get_closest_marker(MARKER)
+    kwargs = marker.kwargs if marker else {}
+    try:
+        thresholds = Thresholds().updated({**settings.thresholds, **(kwargs.get("thresholds") or {})})
+        return detect(trace, thresholds, allow=list(settings.allow) + list(kwargs.get("allow") or ()))
+    except ValueError as exc:
+        raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{MARKER}: {exc}") from None
 
 
 def _summary(item, trace, golden) -> dict:
@@ -346,7 +395,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         loss = f"loss {s['loss'][0]:.6f} -> {s['loss'][1]:.6f}" if s["loss"] else "no loss"
         golden = f"golden {s['golden']}" if s["golden"] else "no golden"
         tr.write_line(f"{s['nodeid']}: {s['stages']} stages, {s['iterations']} iterations, {loss}, "
-                      f"{s['out_of_tolerance']} out of tolerance, {golden}")
+                      f"{s['out_of_tolerance']} out of tolerance, {golden}, "
+                      f"{len(s.get('anomalies', ()))} warnings/errors, {s.get('infos', 0)} infos")
+        for severity, rule, symptom, where in s.get("anomalies", ()):
+            tr.write_line(f"    {severity} [{rule}] {symptom}" + (f" ({where})" if where and where not in symptom else ""))
         if config.get_verbosity() > 0 and s["residual_std"]:
             tr.write_line(f"    residual std by layer {_sparkline(s['residual_std'])} "
                           f"({s['residual_std'][0]:.3g} .. {s['residual_std'][-1]:.3g})")

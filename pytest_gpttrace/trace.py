@@ -90,6 +90,12 @@ class Trace:
     iterations: tuple[Iteration, ...]
     parameters: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     model: str = ""
+    # parameters that were exactly zero when the capture began (None: not recorded)
+    zero_params: tuple[str, ...] | None = None
+
+    def __repr__(self) -> str:
+        stages = len(self.stage_names)
+        return f"Trace(model={self.model or '?'}, {len(self.iterations)} iterations, {stages} stages)"
 
     @property
     def stage_names(self) -> list[str]:
@@ -144,6 +150,7 @@ def dumps(trace: Trace) -> str:
     lines.append(f'  "config": {_line(_jsonable(trace.config))},')
     lines.append(f'  "environment": {_line(_jsonable(trace.environment))},')
     lines += _block("parameters", {k: list(v) for k, v in trace.parameters.items()}, "  ", False)
+    lines.append(f'  "zero_params": {_line(None if trace.zero_params is None else list(trace.zero_params))},')
     lines.append('  "iterations": [')
     for n, it in enumerate(trace.iterations):
         lines.append("    {")
@@ -264,6 +271,9 @@ def loads(text: str, file=None) -> Trace:
         r.fail("$.format", f"unknown trace format version {version}; this pytest-gpttrace reads "
                            f"{', '.join(map(str, SUPPORTED_FORMATS))} (upgrade pytest-gpttrace, or regenerate the file)")
     parameters = r.get(doc, "parameters", "$", (dict,), "an object of parameter name -> shape", optional=True) or {}
+    zero_params = r.get(doc, "zero_params", "$", (list, type(None)), "a list of parameter names or null", optional=True)
+    if zero_params is not None and not all(isinstance(n, str) for n in zero_params):
+        r.fail("$.zero_params", "expected a list of parameter names (strings)")
     iterations = []
     for i, it in enumerate(r.get(doc, "iterations", "$", (list,), "a list of iterations")):
         p = f"$.iterations[{i}]"
@@ -283,6 +293,7 @@ def loads(text: str, file=None) -> Trace:
         iterations=tuple(iterations),
         parameters={k: tuple(v) for k, v in parameters.items()},
         model=r.get(doc, "model", "$", (str,), "the model class name", optional=True) or "",
+        zero_params=None if zero_params is None else tuple(zero_params),
     )
 
 

@@ -223,3 +223,66 @@ def test_user_gpt(gpt_trace, gpt_golden):
 """)
     run(pytester, "--update-golden").assert_outcomes(passed=1)
     run(pytester, "--gpt-trace").assert_outcomes(passed=1)
+
+
+def test_an_anomaly_error_fails_the_test_and_allow_accepts_it(project):
+    project.makeconftest(CONFTEST + """
+
+@pytest.fixture
+def gpt_optimizers(gpt_model):
+    from reference_model import optimizers
+    opts = optimizers(gpt_model)
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+    return opts
+""")
+    project.makepyfile(test_model="""
+import pytest
+
+@pytest.mark.gpt_trace(iterations=2)
+def test_model(gpt_trace):
+    assert gpt_trace.iterations[0].loss > 0
+""")
+    result = run(project, "--gpt-trace")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "1 anomaly in the trace: the loss is 4.158883 at iterations 0..1*",
+        "*[[]stuck-loss[]]*",
+        "*the LM head is not being updated*",
+        "*allow=[[]\"RULE\"[]]*",
+    ])
+    project.makepyfile(test_model="""
+import pytest
+
+@pytest.mark.gpt_trace(iterations=2, allow=["stuck-loss"])
+def test_model(gpt_trace):
+    assert gpt_trace.iterations[0].loss > 0
+""")
+    run(project, "--gpt-trace").assert_outcomes(passed=1)
+
+
+def test_an_anomaly_is_added_to_a_golden_failure(project):
+    run(project, "--update-golden").assert_outcomes(passed=1)
+    project.makeconftest(CONFTEST + """
+
+@pytest.fixture
+def gpt_model(gpt_config):
+    from reference_model import GPT
+    model = GPT(gpt_config)
+    model.blocks[0].mlp.out.register_forward_hook(lambda m, i, o: o * float("nan"))
+    return model
+""")
+    result = run(project, "--gpt-trace")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*stages out of tolerance (profile exact); first divergence: blocks.0.mlp.out (forward), iteration 0, nan*",
+        "*anomal* in the trace: first NaN at blocks.0.mlp.out (forward), iteration 0*",
+    ])
+
+
+def test_unknown_allowed_rule_is_a_usage_error(project):
+    project.makeini("[pytest]\ngpt_trace_allow = stuck-los\n")
+    result = run(project, "--gpt-trace")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*gpt_trace_allow: unknown rule stuck-los*"])

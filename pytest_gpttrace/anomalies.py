@@ -1,0 +1,643 @@
+"""Anomaly rules over a Trace: diagnoses a person can act on (pure: no pytest, no torch).
+
+Every rule applies to any Trace (captured from the reference model, from a user model, or parsed
+from a seed-format Markdown report) and returns ``Anomaly`` records: a rule id, a severity, the
+iteration and stage, a one-line symptom, a likely cause and a suggested fix. Rules that need a
+stage the trace does not have stay silent.
+
+The expected-zero schedule is derived, not hard-coded. A zero-initialised projection (lm_head and
+every c_proj in nanochat) outputs exactly zero until an optimizer step has moved its weights, and
+while one is still zero no gradient flows back through it: the parameters behind it see exactly
+zero gradients. So at each iteration the zero-init parameters whose output is still zero are
+"pending", and zeros are expected while anything is pending; once nothing is pending, every stage
+output and every gradient must be nonzero. A projection whose gradient was nonzero before a step
+but whose output is still zero after it, or one that never gets a gradient while every other has
+moved, is an error. The zero-init parameters are those the capture saw exactly zero when it began
+(``Trace.zero_params``); for a parsed report, the nanochat names (lm_head, *.c_proj).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, fields, replace
+from typing import Iterable, Mapping, Sequence
+
+from .trace import Iteration, TensorStats, Trace
+
+ERROR, WARNING, INFO = "error", "warning", "info"
+SEVERITY_ORDER = {ERROR: 0, WARNING: 1, INFO: 2}
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    rule: str
+    severity: str
+    iteration: int | None
+    stage: str | None
+    symptom: str
+    cause: str
+    fix: str
+
+    @property
+    def message(self) -> str:
+        return f"{self.symptom}. Likely cause: {self.cause}. Fix: {self.fix}."
+
+    @property
+    def where(self) -> str:
+        parts = []
+        if self.stage:
+            parts.append(self.stage)
+        if self.iteration is not None:
+            parts.append(f"iteration {self.iteration}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Named, configurable thresholds (ini gpt_trace_thresholds, marker thresholds=...)."""
+
+    stuck_loss_rtol: float = 1e-6       # relative loss change below which a step did not move the loss
+    ln_v_rtol: float = 1e-5             # |loss - ln V| / ln V for "the loss is ln V"
+    init_loss_rtol: float = 0.25        # random-init head: |loss0 - ln V| / ln V above this is an error
+    norm_rms_tol: float = 1e-3          # |rms - 1| of an RMSNorm output (x10 for 16-bit dtypes)
+    rope_rtol: float = 2.0**-8          # |rms(rope(q)) - rms(q)| / rms(q): two bf16 roundings
+    softcap_saturation: float = 0.5     # warning when rms(softcapped logits) / cap exceeds this
+    residual_factor: float = 2.0        # residual std ratio between consecutive layers (either way)
+    grad_factor: float = 10.0           # residual-gradient rms ratio between consecutive layers
+    dead_relu_warn: float = 0.9         # zero fraction after ReLU²
+    dead_relu_error: float = 0.999
+    divergence_factor: float = 1.5      # loss rising by this factor over one optimizer step
+    spike_factor: float = 2.0           # loss above this multiple of the running minimum
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def updated(self, values: Mapping[str, float]) -> "Thresholds":
+        unknown = set(values) - set(self.names())
+        if unknown:
+            raise ValueError(f"unknown threshold {', '.join(sorted(unknown))}; known: {', '.join(self.names())}")
+        try:
+            return replace(self, **{k: float(v) for k, v in values.items()})
+        except (TypeError, ValueError):
+            raise ValueError(f"thresholds must be numbers, got {dict(values)!r}") from None
+
+
+def parse_thresholds(lines: Iterable[str]) -> dict[str, float]:
+    """'name = value' lines (ini) into a dict; errors name the line."""
+    out = {}
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if not sep:
+            raise ValueError(f"threshold line {line!r}: expected 'name = value'")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"threshold line {line!r}: {value.strip()!r} is not a number") from None
+    Thresholds().updated(out)  # validates the names
+    return out
+
+
+RULES = {
+    "zero-schedule": "zeros the zero-init schedule expects (info) or zeros it does not (error)",
+    "dead-gradient": "a parameter or stage gradient exactly zero where a gradient must flow",
+    "stuck-loss": "the loss does not move across optimizer steps",
+    "loss-at-init": "the first loss is not ln V (zero-init head) or far from it (random head)",
+    "non-finite": "NaN or Inf in a stage, a gradient or the loss (first occurrence)",
+    "norm-invariant": "an RMSNorm output whose rms is not 1",
+    "rope-invariant": "RoPE changed the rms of q or k beyond the bf16 bound",
+    "softcap": "logits outside ±softcap, or saturated near the cap",
+    "residual-growth": "residual-stream std exploding or collapsing across layers",
+    "gradient-growth": "residual-stream gradients exploding or vanishing across layers",
+    "dead-relu": "ReLU² outputs (almost) all zero",
+    "divergence": "the loss rising over optimizer steps, or spiking above its running minimum",
+}
+
+
+# --------------------------------------------------------------------------- helpers
+_BLOCK = re.compile(r"^(?:blocks|layers|h|transformer\.h)\.(\d+)\.")
+
+
+def _block_index(name: str) -> int | None:
+    m = _BLOCK.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _rms(s: TensorStats) -> float | None:
+    if s.rms is not None:
+        return s.rms
+    if s.mean is not None and s.std is not None and s.numel:
+        var = s.std**2 * ((s.numel - 1) / s.numel if s.numel > 1 else 0.0)
+        return math.sqrt(s.mean**2 + var)
+    return None
+
+
+def _known_zero(s: TensorStats | None) -> bool:
+    return s is not None and s.all_zero
+
+
+def _vocab_size(trace: Trace) -> int | None:
+    v = trace.config.get("vocab_size")
+    if isinstance(v, int) and v > 1:
+        return v
+    for it in trace.iterations:
+        for name in ("lm_head.logits", "lm_head.softcap"):
+            s = it.forward.get(name)
+            if s is not None and s.shape:
+                return s.shape[-1]
+    return None
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _fmt_names(names: Sequence[str], limit: int = 6) -> str:
+    names = list(names)
+    if len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + f" and {len(names) - limit} more"
+
+
+# --------------------------------------------------------------------------- zero schedule
+def _output_stage(trace: Trace, param: str) -> str | None:
+    """The stage that shows a parameter's module output: the module itself (a per-module trace),
+    or the reference taps (X.c_proj -> X.out, lm_head -> lm_head.logits)."""
+    module = param.rsplit(".", 1)[0]
+    stages = set(trace.stage_names)
+    if module in stages:
+        return module
+    if module.endswith(".c_proj") and module[: -len(".c_proj")] + ".out" in stages:
+        return module[: -len(".c_proj")] + ".out"
+    if module + ".logits" in stages:
+        return module + ".logits"
+    if module + ".out" in stages:
+        return module + ".out"
+    return None
+
+
+def _zero_init(trace: Trace) -> dict[str, str | None]:
+    """zero-init parameter -> its output stage."""
+    if trace.zero_params is not None:
+        return {p: _output_stage(trace, p) for p in trace.zero_params}
+    # a parsed report: nanochat's zero-init choices, seen as stages that are exactly zero at iteration 0
+    out = {}
+    first = trace.iterations[0] if trace.iterations else None
+    if first is None:
+        return out
+    for stage, s in first.forward.items():
+        if not s.all_zero:
+            continue
+        if stage == "lm_head.logits":
+            out["lm_head.weight"] = stage
+        elif stage.endswith((".attn.out", ".mlp.out")):
+            out[stage[: -len(".out")] + ".c_proj.weight"] = stage
+    return out
+
+
+def _pending(trace: Trace, zero_init: Mapping[str, str | None], i: int) -> list[str]:
+    """Zero-init parameters whose output is still exactly zero at iteration i (or unknown as moved)."""
+    it = trace.iterations[i]
+    pending = []
+    for param, stage in zero_init.items():
+        if stage is None:
+            # no stage shows its output: judge by whether it has moved before (a gradient and a step)
+            moved = any(_grad_nonzero(trace.iterations[j], param) and trace.iterations[j].stepped
+                        for j in range(i))
+            if not moved:
+                pending.append(param)
+        elif stage not in it.forward or it.forward[stage].all_zero:
+            if stage in it.forward or not any(stage in trace.iterations[j].forward and
+                                              not trace.iterations[j].forward[stage].all_zero for j in range(i)):
+                pending.append(param)
+    return pending
+
+
+def _grad_nonzero(it: Iteration, param: str) -> bool:
+    s = it.param_grads.get(param)
+    return s is not None and s.zero_frac is not None and not s.all_zero
+
+
+def zero_schedule(trace: Trace, th: Thresholds, stuck_head: bool) -> list[Anomaly]:
+    out: list[Anomaly] = []
+    zero_init = _zero_init(trace)
+    for i, it in enumerate(trace.iterations):
+        if not it.forward and not it.param_grads and not it.stage_grads:
+            continue  # a loss-only iteration of a parsed report
+        pending = _pending(trace, zero_init, i)
+        zero_out = [n for n, s in it.forward.items() if s.all_zero and not n.startswith("inputs.")]
+        zero_sgrads = [n for n, s in it.stage_grads.items() if s.all_zero]
+        none_pgrads = [n for n, s in it.param_grads.items() if s is None]
+        zero_pgrads = [n for n, s in it.param_grads.items() if _known_zero(s)]
+        if pending:
+            init_outputs = [zero_init[p] for p in zero_init if p in pending and zero_init[p] in zero_out]
+            if init_outputs:
+                out.append(Anomaly(
+                    "zero-schedule", INFO, i, None,
+                    f"{_fmt_names(init_outputs, 9)} output exactly zero",
+                    f"the zero-init pattern: {_fmt_names(pending, 4)} start at zero and have not been "
+                    "moved by an optimizer step yet",
+                    "nothing to do while it lasts; it is a bug if it outlasts the first optimizer steps"))
+            explained = [n for n in zero_pgrads + zero_sgrads]
+            if explained:
+                head = [p for p in pending if p.startswith("lm_head")]
+                because = ("the LM head is still zero, so no gradient flows back through it"
+                           if head else f"{_fmt_names(pending, 4)} are still zero, so no gradient flows back through them")
+                out.append(Anomaly(
+                    "zero-schedule", INFO, i, None,
+                    f"{_count(len(zero_pgrads), 'parameter gradient')} ({_fmt_names(zero_pgrads, 4)}) and "
+                    f"{_count(len(zero_sgrads), 'stage gradient')} exactly zero",
+                    f"expected: {because}",
+                    "nothing to do; these become nonzero once the zero-init projections have moved"))
+        # overdue: a zero-init projection that had a gradient and a step, yet still outputs zero
+        for p in pending:
+            stage = zero_init.get(p)
+            had = [j for j in range(i) if _grad_nonzero(trace.iterations[j], p) and trace.iterations[j].stepped]
+            if had and stage is not None:
+                severity = INFO if (stuck_head and p.startswith("lm_head")) else ERROR
+                out.append(Anomaly(
+                    "zero-schedule", severity, i, stage,
+                    f"{stage} still outputs exactly zero although {p} had a nonzero gradient and an "
+                    f"optimizer step followed (iteration {had[0]})",
+                    "the optimizer did not update it: it is missing from every param group, its learning "
+                    "rate is 0, or the step is skipped" + ("; see stuck-loss" if severity == INFO else ""),
+                    f"check that {p} is in an optimizer param group with lr > 0 and that optimizer.step() runs"))
+        if not pending:
+            dead = zero_pgrads + none_pgrads
+            if dead:
+                out.append(Anomaly(
+                    "dead-gradient", ERROR, i, dead[0],
+                    f"{len(dead)} parameters have {'no' if none_pgrads else 'exactly zero'} gradient at "
+                    f"iteration {i} ({_fmt_names(dead, 4)}) after every zero-init projection has moved",
+                    "the parameter is detached from the loss (a .detach(), torch.no_grad(), an unused "
+                    "module or requires_grad=False), or the path to it is blocked by a dead unit",
+                    "follow the graph from the loss to this parameter; look for .detach(), .data or no_grad"))
+            elif zero_out or zero_sgrads:
+                stage = (zero_out or zero_sgrads)[0]
+                kind = "output" if zero_out else "gradient"
+                out.append(Anomaly(
+                    "zero-schedule", ERROR, i, stage,
+                    f"{stage} {kind} is exactly zero at iteration {i}, after every zero-init projection "
+                    f"has moved ({len(zero_out)} outputs, {len(zero_sgrads)} stage gradients zero)",
+                    "a projection that never leaves zero, or a stage cut from the loss",
+                    "find what writes this stage: a zero weight the optimizer does not update, a mask, or a detach"))
+        elif i > 0 and zero_init:
+            # pending: zero-init parameters that never got a gradient while every other one has moved
+            others_moved = [p for p in zero_init if p not in pending]
+            stuck = [p for p in pending
+                     if not any(_grad_nonzero(trace.iterations[j], p) for j in range(i + 1))]
+            if others_moved and stuck and len(stuck) == len(pending) and \
+                    all(_moved_before(trace, zero_init, o, i) for o in others_moved):
+                out.append(Anomaly(
+                    "dead-gradient", ERROR, i, stuck[0],
+                    f"{_fmt_names(stuck, 4)} never received a gradient while every other zero-init "
+                    f"projection has moved ({_fmt_names(others_moved, 3)})",
+                    "the parameter is detached from the loss, so it stays zero and so does its output",
+                    "follow the graph from the loss to this parameter; look for .detach(), .data or no_grad"))
+    return out
+
+
+def _moved_before(trace, zero_init, param, i) -> bool:
+    stage = zero_init.get(param)
+    for j in range(i + 1):
+        it = trace.iterations[j]
+        if stage is not None and stage in it.forward and not it.forward[stage].all_zero:
+            return True
+    return stage is None
+
+
+# --------------------------------------------------------------------------- loss rules
+def _loss_is_ln_v(loss, v, th) -> bool:
+    return v is not None and loss is not None and abs(loss - math.log(v)) <= th.ln_v_rtol * math.log(v)
+
+
+def stuck_loss(trace: Trace, th: Thresholds) -> list[Anomaly]:
+    out = []
+    v = _vocab_size(trace)
+    its = trace.iterations
+    runs = []  # (start, end, stepped flags between)
+    i = 0
+    while i < len(its) - 1:
+        j = i
+        while j + 1 < len(its) and its[j].loss is not None and its[j + 1].loss is not None and \
+                abs(its[j + 1].loss - its[j].loss) <= th.stuck_loss_rtol * max(abs(its[j].loss), 1e-12):
+            j += 1
+        if j > i:
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    for a, b in runs:
+        between = [its[k].stepped for k in range(a, b)]
+        loss = its[a].loss
+        n = b - a + 1
+        ln_v = _loss_is_ln_v(loss, v, th)
+        what = f"the loss is {loss:.6f} at iterations {a}..{b} ({n} iterations)"
+        if ln_v:
+            what += f", exactly ln V = ln {v}"
+        head = ("the logits are all zero: the LM head is not being updated: check that optimizer.step() runs, "
+                "that lm_head is in a param group, and that the learning rate is not 0 at step 0")
+        if all(s is False for s in between):
+            out.append(Anomaly("stuck-loss", INFO, b, "loss", what,
+                               "expected: these are gradient-accumulation micro-steps (no optimizer step between them)",
+                               "nothing to do"))
+        elif all(s is True for s in between):
+            cause = head if ln_v else ("the optimizer steps do not change the model: learning rate 0, "
+                                       "parameters missing from the optimizer, or gradients zeroed before the step")
+            out.append(Anomaly("stuck-loss", ERROR, b, "loss", what + " across optimizer steps", cause,
+                               "check the param groups and learning rates, and that step() runs after backward()"))
+        else:
+            unknown = " (the trace does not say whether optimizer steps ran between them)" \
+                if any(s is None for s in between) else ""
+            cause = ("either these are gradient-accumulation micro-steps with no optimizer step between them "
+                     "(then this is expected), or the loop never steps" + (f"; if it does step, {head}" if ln_v else ""))
+            out.append(Anomaly("stuck-loss", ERROR, b, "loss", what + unknown, cause,
+                               "record optimizer steps in the trace (trace_training does), and make sure "
+                               "optimizer.step() runs with lm_head in a param group and lr > 0"))
+    return out
+
+
+def loss_at_init(trace: Trace, th: Thresholds) -> list[Anomaly]:
+    if not trace.iterations or trace.iterations[0].loss is None:
+        return []
+    v = _vocab_size(trace)
+    if v is None:
+        return []
+    first = trace.iterations[0]
+    loss, ln_v = first.loss, math.log(v)
+    logits = first.forward.get("lm_head.logits")
+    zero_head = (trace.zero_params is not None and any(p.startswith("lm_head") for p in trace.zero_params)) \
+        or (logits is not None and logits.all_zero)
+    if zero_head:
+        if abs(loss - ln_v) > th.ln_v_rtol * ln_v:
+            return [Anomaly("loss-at-init", ERROR, 0, "loss",
+                            f"the first loss is {loss:.6f} but the logits are all zero, so it must be ln {v} = {ln_v:.6f}",
+                            "the loss is not a mean cross-entropy over the vocabulary: a wrong reduction, "
+                            "label smoothing, ignore_index masking most targets, or the wrong vocabulary size",
+                            "compute F.cross_entropy(logits.view(-1, V), targets.view(-1)) with reduction='mean'")]
+        return []
+    if abs(loss - ln_v) > th.init_loss_rtol * ln_v:
+        return [Anomaly("loss-at-init", ERROR, 0, "loss",
+                        f"the first loss is {loss:.6f}, far from ln {v} = {ln_v:.6f} expected of an untrained model",
+                        "a broken init (logits far from uniform: a large head init or a missing softcap/scale) "
+                        "or a broken loss", "verify the loss at init (Karpathy): it should be close to ln V")]
+    return []
+
+
+def divergence(trace: Trace, th: Thresholds) -> list[Anomaly]:
+    out = []
+    its = trace.iterations
+    best = None
+    for i, it in enumerate(its):
+        if it.loss is None or not math.isfinite(it.loss):
+            continue
+        prev = its[i - 1] if i else None
+        if prev is not None and prev.stepped and prev.loss is not None and prev.loss > 0 \
+                and it.loss > th.divergence_factor * prev.loss:
+            out.append(Anomaly("divergence", ERROR, i, "loss",
+                               f"the loss rose from {prev.loss:.6f} to {it.loss:.6f} over one optimizer step "
+                               f"(more than {th.divergence_factor:g}x)",
+                               "the learning rate is too high, or a warmup is missing",
+                               "lower the learning rate or add warmup; check the gradient norms of that step"))
+        elif best is not None and best > 0 and it.loss > th.spike_factor * best:
+            out.append(Anomaly("divergence", WARNING, i, "loss",
+                               f"the loss {it.loss:.6f} spiked above {th.spike_factor:g}x its running minimum {best:.6f}",
+                               "an unstable step (learning rate, a bad batch, or attention logit growth)",
+                               "look at the gradient norms at that iteration; consider clipping or a lower lr"))
+        best = it.loss if best is None else min(best, it.loss)
+    return out
+
+
+# --------------------------------------------------------------------------- stage rules
+def non_finite(trace: Trace, th: Thresholds) -> list[Anomaly]:
+    for i, it in enumerate(trace.iterations):
+        ordered = [("forward", n, s) for n, s in it.forward.items()]
+        ordered += [("stage gradient", n, s) for n, s in it.stage_grads.items()]
+        ordered += [("parameter gradient", n, s) for n, s in it.param_grads.items() if s is not None]
+        for kind, name, s in ordered:
+            if s.nan or s.inf:
+                what = "NaN" if s.nan else "Inf"
+                total = sum(1 for _, _, t in ordered if t.nan or t.inf)
+                return [Anomaly("non-finite", ERROR, i, name,
+                                f"first {what} at {name} ({kind}), iteration {i}: {s.nan} NaN, {s.inf} Inf "
+                                f"of {s.numel}; {total} stages non-finite in this iteration",
+                                "an overflow or an invalid operation at or just before this stage "
+                                "(a division by zero, log/sqrt of a non-positive value, an fp16 overflow, or a NaN input)",
+                                f"inspect the inputs of {name}; everything after it in execution order inherits the NaN")]
+        if it.loss is not None and not math.isfinite(it.loss):
+            return [Anomaly("non-finite", ERROR, i, "loss", f"the loss is {it.loss} at iteration {i}",
+                            "an overflow or an invalid value in the logits or the targets",
+                            "check the targets' range and the logits' magnitude")]
+    return []
+
+
+NORM_PATTERNS = ("*.norm", "*_norm", "final_norm")
+
+
+def norm_invariant(trace: Trace, th: Thresholds) -> list[Anomaly]:
+    out = []
+    for i, it in enumerate(trace.iterations):
+        for name, s in it.forward.items():
+            if not any(fnmatch.fnmatchcase(name, p) for p in NORM_PATTERNS) or not s.finite:
+                continue
+            rms = _rms(s)
+            tol = th.norm_rms_tol * (10 if s.dtype in ("torch.bfloat16", "torch.float16") else 1)
+            if rms is not None and abs(rms - 1) > tol:
+                out.append(Anomaly("norm-invariant", ERROR, i, name,
+                                   f"{name} has rms {rms:.6f}, not 1 (tolerance {tol:g})",
+                                   "the norm does not normalise: replaced by an identity, normalising over the "
+                                   "wrong dim, or carrying a learnable scale that moved", 
+                                   f"check the norm that produces {name}: F.rms_norm(x, (x.size(-1),))"))
+                break  # one per iteration: later norms usually inherit the cause
+    return _first_per_stage(out)
+
+
+def rope_invariant(trace: Trace, th: Thresholds) -> list[Anomaly]:
+    out = []
+    for i, it in enumerate(trace.iterations):
+        for name, s in it.forward.items():
+            for suffix, src in (("q_rope", "q"), ("k_rope", "k")):
+                if not name.endswith("." + suffix):
+                    continue
+                before = it.forward.get(name[: -len(suffix)] + src)
+                if before is None:
+                    continue
+                a, b = _rms(before), _rms(s)
+                if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+                    continue
+                if abs(b - a) > th.rope_rtol * a + 1e-12:
+                    out.append(Anomaly("rope-invariant", ERROR, i, name,
+                                       f"RoPE changed the rms of {src} from {a:.6f} to {b:.6f} at {name} "
+                                       f"(allowed {th.rope_rtol:.3g} relative: bf16 tables)",
+                                       "the rotation is not a rotation: a flipped sign of sin in one half, "
+                                       "mismatched pair layout (interleaved vs half-split) or wrong tables",
+                                       "run pytest_gpttrace.properties.check_rope on your rotary function"))
+    return _first_per_stage(out)
+
+
+def softcap(trace: Trace, th: Thresholds) -> list[Anomaly]:
+    cap = trace.config.get("softcap")
+    if not isinstance(cap, (int, float)) or cap <= 0:
+        cap = 15.0
+    out = []
+    for i, it in enumerate(trace.iterations):
+        s = it.forward.get("lm_head.softcap")
+        if s is None or s.min is None or not s.finite:
+            continue
+        peak = max(abs(s.min), abs(s.max))
+        if peak > cap * (1 + 1e-6):
+            out.append(Anomaly("softcap", ERROR, i, "lm_head.softcap",
+                               f"logits after the softcap reach {peak:.4f}, beyond ±{cap:g}",
+                               "the cap is not applied (or applied before another scaling)",
+                               "apply logits = cap * tanh(logits / cap) last"))
+            continue
+        rms = _rms(s)
+        if rms is not None and rms / cap > th.softcap_saturation:
+            out.append(Anomaly("softcap", WARNING, i, "lm_head.softcap",
+                               f"the softcapped logits are saturated: rms {rms:.3f} is {rms / cap:.0%} of the cap "
+                               f"±{cap:g} (peak {peak:.3f})",
+                               "the logits grow too large; the tanh squashes most of them near the cap",
+                               "lower the LM head learning rate, or check the final norm"))
+        elif peak / cap > 0.9:
+            out.append(Anomaly("softcap", INFO, i, "lm_head.softcap",
+                               f"the largest logits reach {peak / cap:.0%} of the cap ±{cap:g}",
+                               "some logits are near saturation", "nothing to do unless it grows"))
+    return out
+
+
+def _layer_series(it: Iteration, section: str) -> list[tuple[int, str, TensorStats]]:
+    """Per block, the residual stream after the block (mlp_resid, else the next block's input)."""
+    stages = getattr(it, section)
+    by_block = {}
+    for name, s in stages.items():
+        b = _block_index(name)
+        if b is None:
+            continue
+        if name.endswith("mlp_resid") or (name.endswith(".input") and b not in by_block):
+            by_block[b] = (name, s)
+    return [(b, *by_block[b]) for b in sorted(by_block)]
+
+
+def residual_growth(trace: Trace, th: Thresholds) -> list[Anomaly]:
+    out = []
+    for i, it in enumerate(trace.iterations):
+        series = _layer_series(it, "forward")
+        for (b0, n0, s0), (b1, n1, s1) in zip(series, series[1:]):
+            a, c = s0.std, s1.std
+            if not a or c is None or not (math.isfinite(a) and math.isfinite(c)):
+                continue
+            ratio = c / a
+            if ratio > th.residual_factor or ratio < 1 / th.residual_factor:
+                grows = ratio > 1
+                out.append(Anomaly("residual-growth", ERROR, i, n1,
+                                   f"the residual stream std {'grows' if grows else 'shrinks'} {ratio:.3g}x from "
+                                   f"{n0} ({a:.4g}) to {n1} ({c:.4g}) (limit {th.residual_factor:g}x per layer)",
+                                   "a residual branch scaled up (exploding activations)" if grows else
+                                   "a residual stream being overwritten or scaled down (vanishing activations)",
+                                   "check the residual additions x = x + f(norm(x)) and the output projection init"))
+                break
+        series = _layer_series(it, "stage_grads")
+        for (b0, n0, s0), (b1, n1, s1) in zip(series, series[1:]):
+            a, c = _rms(s0), _rms(s1)
+            if not a or not c or not (math.isfinite(a) and math.isfinite(c)):
+                continue
+            ratio = a / c  # gradients flow from later to earlier layers
+            if ratio > th.grad_factor or ratio < 1 / th.grad_factor:
+                out.append(Anomaly("gradient-growth", WARNING, i, n0,
+                                   f"the residual gradient rms changes {ratio:.3g}x from {n1} to {n0} "
+                                   f"(limit {th.grad_factor:g}x per layer)",
+                                   "exploding or vanishing gradients across layers",
+                                   "check residual scaling and norms; consider gradient clipping"))
+                break
+    return _first_per_stage(out)
+
+
+def dead_relu(trace: Trace, th: Thresholds) -> list[Anomaly]:
+    out = []
+    for i, it in enumerate(trace.iterations):
+        for name, s in it.forward.items():
+            if not name.endswith("relu2") or s.zero_frac is None or s.all_zero:
+                continue
+            if s.zero_frac >= th.dead_relu_error:
+                sev = ERROR
+            elif s.zero_frac >= th.dead_relu_warn:
+                sev = WARNING
+            else:
+                continue
+            out.append(Anomaly("dead-relu", sev, i, name,
+                               f"{s.zero_frac:.1%} of {name} is exactly zero (about half is normal at init)",
+                               "dead units: the pre-activations went negative (a large negative bias, a large "
+                               "learning rate, or a broken c_fc init)",
+                               "check the c_fc init and the learning rate of the MLP weights"))
+    return _first_per_stage(out)
+
+
+def _first_per_stage(anomalies: list[Anomaly]) -> list[Anomaly]:
+    """Keep the first iteration at which a (rule, stage) fires: later ones repeat it."""
+    seen, out = set(), []
+    for a in anomalies:
+        key = (a.rule, a.stage, a.severity)
+        if key not in seen:
+            seen.add(key)
+            out.append(a)
+    return out
+
+
+# --------------------------------------------------------------------------- entry point
+def detect(trace: Trace, thresholds: Thresholds | None = None, allow: Iterable[str] = ()) -> list[Anomaly]:
+    """Every anomaly of the trace, most important first (errors, warnings, infos; then execution order).
+
+    ``allow``: rule ids whose errors and warnings are downgraded to info (still reported).
+    """
+    th = thresholds or Thresholds()
+    allow = set(allow)
+    unknown = allow - set(RULES)
+    if unknown:
+        raise ValueError(f"unknown anomaly rule {', '.join(sorted(unknown))}; known: {', '.join(RULES)}")
+    stuck = stuck_loss(trace, th)
+    v = _vocab_size(trace)
+    stuck_head = any(a.severity == ERROR and _loss_is_ln_v(trace.iterations[a.iteration].loss, v, th) for a in stuck)
+    found = (non_finite(trace, th) + stuck + loss_at_init(trace, th) + divergence(trace, th)
+             + zero_schedule(trace, th, stuck_head) + norm_invariant(trace, th) + rope_invariant(trace, th)
+             + softcap(trace, th) + residual_growth(trace, th) + dead_relu(trace, th))
+    found = [replace(a, severity=INFO, cause=a.cause + " (allowed for this test)") if a.rule in allow and
+             a.severity != INFO else a for a in found]
+    return sorted(found, key=lambda a: (SEVERITY_ORDER[a.severity],
+                                        a.iteration if a.iteration is not None else -1))
+
+
+def errors(anomalies: Iterable[Anomaly]) -> list[Anomaly]:
+    return [a for a in anomalies if a.severity == ERROR]
+
+
+def render_text(anomalies: Sequence[Anomaly], *, include_info: bool = True) -> list[str]:
+    """Grouped by severity, most important first; one line per anomaly, then its cause and fix."""
+    lines = []
+    for sev in (ERROR, WARNING, INFO):
+        group = [a for a in anomalies if a.severity == sev]
+        if not group or (sev == INFO and not include_info):
+            continue
+        lines.append(f"{len(group)} {sev}{'s' if len(group) != 1 else ''}:")
+        for a in group:
+            lines.append(f"  [{a.rule}] {a.symptom}" + (f" ({a.where})" if a.where and a.where not in a.symptom else ""))
+            lines.append(f"      likely cause: {a.cause}")
+            lines.append(f"      fix: {a.fix}")
+    return lines or ["no anomalies"]
+
+
+def render_markdown(anomalies: Sequence[Anomaly]) -> str:
+    """The body of the report's ANOMALIES section."""
+    colours = {ERROR: "#d70000", WARNING: "#d7af00", INFO: "#0087ff"}
+    if not anomalies:
+        return '<span style="color: #5faf00">No anomalies.</span>\n'
+    lines = []
+    for a in anomalies:
+        where = f" ({a.where})" if a.where and a.where not in a.symptom else ""
+        lines.append(f'- <span style="color: {colours[a.severity]}">**{a.severity.upper()}** `{a.rule}`</span>: '
+                     f"{a.symptom}{where}. Likely cause: {a.cause}. Fix: {a.fix}.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,251 @@
+"""Anomaly rules: the seed, the clean reference model, injected faults, and each rule on its own."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference_model.gpt as gpt
+from pytest_gpttrace import markdown, trace_training
+from pytest_gpttrace.anomalies import (
+    ERROR, INFO, RULES, WARNING, Thresholds, detect, errors, parse_thresholds, render_markdown, render_text,
+)
+from pytest_gpttrace.cli import main
+from pytest_gpttrace.trace import Iteration, TensorStats, Trace, dumps, replace_stats
+from reference_model import GPT, optimizers, synthetic_batches
+from tests.test_traces import TINY
+
+SEED = Path(__file__).parent / "data" / "seed_trace.md"
+
+
+def traced(model_fn=None, opt_fn=None, iterations=3, micro_steps=1):
+    model = GPT(TINY, seed=42)
+    if model_fn:
+        model_fn(model)
+    opts = opt_fn(model) if opt_fn else optimizers(model)
+    return trace_training(model, synthetic_batches(TINY, seed=42), opts, iterations=iterations,
+                          micro_steps=micro_steps)
+
+
+def by_severity(found, severity):
+    return [a for a in found if a.severity == severity]
+
+
+# ------------------------------------------------------------------ the seed report
+def test_the_seed_report():
+    found = detect(markdown.load(SEED))
+    (err,) = errors(found)
+    assert err.rule == "stuck-loss"
+    assert "11.090358" in err.symptom and "ln V = ln 65536" in err.symptom and "3 iterations" in err.symptom
+    assert "micro-steps" in err.cause and "the LM head is not being updated" in err.cause
+    assert "that lm_head is in a param group, and that the learning rate is not 0 at step 0" in err.cause
+    infos = by_severity(found, INFO)
+    zero_out = next(a for a in infos if "output exactly zero" in a.symptom)
+    for i in range(4):
+        assert f"blocks.{i}.attn.out" in zero_out.symptom and f"blocks.{i}.mlp.out" in zero_out.symptom
+    assert "lm_head.logits" in zero_out.symptom and "zero-init" in zero_out.cause
+    wte = next(a for a in infos if "wte.weight" in a.symptom)
+    assert "LM head is still zero" in wte.cause
+    assert not any(a.rule == "non-finite" for a in found)  # the one-element std `nan` is n/a
+
+
+def test_gpttrace_check_on_the_seed_exits_1(capsys):
+    assert main(["check", str(SEED)]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("1 errors, 0 warnings, 2 infos")
+    assert out.index("1 error:") < out.index("2 infos:")
+
+
+# ------------------------------------------------------------------ the clean reference model
+@pytest.fixture(scope="module")
+def clean():
+    return traced()
+
+
+def test_the_reference_model_has_only_the_expected_zeros(clean):
+    found = detect(clean)
+    assert not by_severity(found, ERROR) and not by_severity(found, WARNING)
+    assert found and all(a.rule == "zero-schedule" for a in found)
+    assert {a.iteration for a in found} == {0, 1}
+
+
+def test_gpttrace_check_passes_on_the_clean_trace(tmp_path, capsys):
+    p = tmp_path / "clean.json"
+    p.write_text(dumps(traced(iterations=3)))
+    assert main(["check", str(p), "-q"]) == 0
+    assert "0 errors, 0 warnings" in capsys.readouterr().out
+
+
+def test_micro_steps_with_an_unchanged_loss_are_info():
+    found = detect(traced(iterations=2, micro_steps=2))
+    stuck = [a for a in found if a.rule == "stuck-loss"]
+    assert [a.severity for a in stuck] == [INFO] and "micro-steps" in stuck[0].cause
+    assert not errors(found)
+
+
+# ------------------------------------------------------------------ injected faults
+def lr_zero(model):
+    opts = optimizers(model)
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+    return opts
+
+
+def head_left_out(model):
+    scale = (model.config.n_embd / 768) ** -0.5
+    return [torch.optim.AdamW([model.wte.weight], lr=0.2 * scale, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
+            torch.optim.Muon([p for p in model.blocks.parameters() if p.ndim == 2], lr=0.02)]
+
+
+def nan_in_block_1_mlp(model):
+    def inject(module, args, out):
+        out = out.clone()
+        out[0, 0, 0] = float("nan")
+        return out
+    model.blocks[1].mlp.out.register_forward_hook(inject)
+
+
+def detach_c_proj(model):
+    lin = model.blocks[0].attn.c_proj
+    lin.forward = lambda x: F.linear(x, lin.weight.detach())
+
+
+def test_learning_rate_zero_is_a_stuck_loss_at_ln_v():
+    (err,) = errors(detect(traced(opt_fn=lr_zero)))
+    assert err.rule == "stuck-loss" and "exactly ln V = ln 256" in err.symptom
+    assert "the logits are all zero: the LM head is not being updated" in err.cause
+
+
+def test_head_left_out_of_the_optimizer_is_a_stuck_loss():
+    found = detect(traced(opt_fn=head_left_out))
+    (err,) = errors(found)
+    assert err.rule == "stuck-loss" and "lm_head is in a param group" in err.cause
+    assert any("lm_head.logits still outputs exactly zero" in a.symptom for a in found)  # as info
+
+
+def test_nan_is_reported_at_the_stage_where_it_is_born():
+    (err,) = errors(detect(traced(model_fn=nan_in_block_1_mlp)))
+    assert err.rule == "non-finite" and err.stage == "blocks.1.mlp.out" and err.iteration == 0
+    assert err.symptom.startswith("first NaN at blocks.1.mlp.out (forward), iteration 0")
+
+
+def test_a_norm_replaced_by_an_identity(monkeypatch):
+    monkeypatch.setattr(gpt, "norm", lambda x, _norm=gpt.norm: x if x.ndim == 4 else _norm(x))  # QK norm gone
+    (err,) = errors(detect(traced()))
+    assert err.rule == "norm-invariant" and err.stage == "blocks.0.attn.q_norm"
+
+
+def test_a_detached_c_proj_is_a_dead_gradient_past_the_schedule():
+    (err,) = errors(detect(traced(model_fn=detach_c_proj)))
+    assert err.rule == "dead-gradient" and err.stage == "blocks.0.attn.c_proj.weight" and err.iteration == 2
+
+
+def test_a_residual_stream_scaled_by_10_per_layer(monkeypatch):
+    forward = gpt.Block.forward
+    monkeypatch.setattr(gpt.Block, "forward", lambda self, x, cos, sin: 10 * forward(self, x, cos, sin))
+    found = detect(traced())
+    (err,) = errors(found)
+    assert err.rule == "residual-growth" and "grows 10x" in err.symptom
+
+
+# ------------------------------------------------------------------ rules one by one, on built traces
+S = TensorStats((1, 4, 8), "torch.float32", "cpu", 32, 0.0, 1.0, -2.0, 2.0, 1.0, 0.0)
+
+
+def trace_of(forward=None, losses=(math.log(256),), stepped=True, config=None, grads=None):
+    its = tuple(Iteration(i, loss, stepped, {}, dict(forward or {}) if i == 0 else {}, dict(grads or {}) if i == 0 else {}, {})
+                for i, loss in enumerate(losses))
+    return Trace(config or {"vocab_size": 256, "softcap": 15.0}, {}, its, zero_params=())
+
+
+def rules(trace, **th):
+    return [(a.rule, a.severity) for a in detect(trace, Thresholds().updated(th))]
+
+
+def test_loss_at_init_with_zero_logits_must_be_ln_v():
+    zero = replace_stats(S, mean=0.0, std=0.0, min=0.0, max=0.0, rms=0.0, zero_frac=1.0)
+    assert ("loss-at-init", ERROR) in rules(trace_of({"lm_head.logits": zero}, losses=(5.0,)))
+    assert ("loss-at-init", ERROR) not in rules(trace_of({"lm_head.logits": zero}, losses=(math.log(256),)))
+
+
+def test_loss_at_init_with_a_random_head_must_be_near_ln_v():
+    assert ("loss-at-init", ERROR) in rules(trace_of(losses=(20.0,)))
+    assert rules(trace_of(losses=(math.log(256) * 1.05,))) == []
+
+
+def test_divergence_and_spikes():
+    assert ("divergence", ERROR) in rules(trace_of(losses=(5.0, 4.0, 9.0)))
+    assert ("divergence", WARNING) in rules(trace_of(losses=(5.0, 2.0, 2.5, 4.5), stepped=False), spike_factor=2.0) or \
+        ("divergence", WARNING) in rules(trace_of(losses=(5.0, 2.0, 1.9, 4.5)))
+
+
+def test_softcap_bounds_and_saturation():
+    beyond = replace_stats(S, max=16.0)
+    assert ("softcap", ERROR) in rules(trace_of({"lm_head.softcap": beyond}))
+    saturated = replace_stats(S, min=-14.9, max=14.9, rms=12.0, std=12.0)
+    assert ("softcap", WARNING) in rules(trace_of({"lm_head.softcap": saturated}))
+    assert rules(trace_of({"lm_head.softcap": S})) == []
+
+
+def test_dead_relu_thresholds():
+    assert ("dead-relu", WARNING) in rules(trace_of({"blocks.0.mlp.relu2": replace_stats(S, zero_frac=0.95)}))
+    assert ("dead-relu", ERROR) in rules(trace_of({"blocks.0.mlp.relu2": replace_stats(S, zero_frac=0.9999)}))
+    assert rules(trace_of({"blocks.0.mlp.relu2": replace_stats(S, zero_frac=0.5)})) == []
+
+
+def test_rope_invariant_uses_the_bf16_bound():
+    q = replace_stats(S, rms=1.0)
+    fine = {"blocks.0.attn.q": q, "blocks.0.attn.q_rope": replace_stats(S, rms=1.001)}
+    broken = {"blocks.0.attn.q": q, "blocks.0.attn.q_rope": replace_stats(S, rms=1.05)}
+    assert rules(trace_of(fine)) == []
+    assert rules(trace_of(broken)) == [("rope-invariant", ERROR)]
+
+
+def test_vanishing_residual_and_gradient_growth():
+    fwd = {"blocks.0.mlp_resid": replace_stats(S, std=1.0), "blocks.1.mlp_resid": replace_stats(S, std=0.1)}
+    grads = {"blocks.1.mlp_resid": replace_stats(S, rms=1.0), "blocks.0.mlp_resid": replace_stats(S, rms=100.0)}
+    found = rules(trace_of(fwd, grads=grads))
+    assert ("residual-growth", ERROR) in found and ("gradient-growth", WARNING) in found
+
+
+def test_thresholds_and_allow():
+    t = trace_of({"blocks.0.mlp.relu2": replace_stats(S, zero_frac=0.95)})
+    assert rules(t, dead_relu_warn=0.99) == []
+    found = detect(trace_of(losses=(5.0, 4.0, 9.0)), allow=["divergence"])
+    assert [(a.rule, a.severity) for a in found] == [("divergence", INFO)] and "allowed" in found[0].cause
+    with pytest.raises(ValueError, match="unknown anomaly rule nope"):
+        detect(t, allow=["nope"])
+    with pytest.raises(ValueError, match="unknown threshold bogus"):
+        Thresholds().updated({"bogus": 1})
+    assert parse_thresholds(["dead_relu_warn = 0.8", "# note", ""]) == {"dead_relu_warn": 0.8}
+    with pytest.raises(ValueError, match="is not a number"):
+        parse_thresholds(["dead_relu_warn = high"])
+
+
+def test_every_rule_is_documented_in_the_readme():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for rule in RULES:
+        assert f"`{rule}`" in readme, rule
+    for name in Thresholds.names():
+        assert f"`{name}`" in readme, name
+
+
+def test_messages_read_as_sentences():
+    found = detect(traced(opt_fn=lr_zero))
+    for a in found:
+        assert a.message.count("Likely cause:") == 1 and a.message.endswith(".")
+    md = render_markdown(found)
+    assert "**ERROR** `stuck-loss`" in md
+    assert render_text([]) == ["no anomalies"]
+
+
+def test_the_report_gets_an_anomalies_section(capsys):
+    assert main(["show", str(SEED)]) == 0
+    out = capsys.readouterr().out
+    assert "ANOMALIES" in out and "`stuck-loss`" in out
+    assert out.index("ANOMALIES") < out.index("TRAINING COMPLETE")
