@@ -125,6 +125,7 @@ class Capture:
         self.param_grads = param_grads
         self.stages = select_stages(model, stages)
         self.iterations: list[Iteration] = []
+        self.zero_params: tuple[str, ...] | None = None
         self._handles: list = []
         self._tensor_handles: list = []
         self._active = False
@@ -162,7 +163,19 @@ class Capture:
         return hook
 
     # -- lifecycle -------------------------------------------------------------
+    def _record_zero_params(self) -> None:
+        """Which parameters are exactly zero now (zero-init choices): one host copy, before any step."""
+        params = list(self.model.named_parameters())
+        if not params:
+            self.zero_params = ()
+            return
+        with torch.no_grad():
+            device = params[0][1].device
+            nonzero = torch.stack([torch.count_nonzero(p.detach()).to(device) for _, p in params]).cpu()
+        self.zero_params = tuple(name for (name, p), n in zip(params, nonzero.tolist()) if n == 0 and p.numel())
+
     def __enter__(self) -> "Capture":
+        self._record_zero_params()
         self._active = True
         try:
             for name, module in self.stages:
@@ -220,6 +233,7 @@ class Capture:
             iterations=tuple(self.iterations),
             parameters={n: tuple(p.shape) for n, p in self.model.named_parameters()},
             model=type(self.model).__name__,
+            zero_params=self.zero_params,
         )
 
 
