@@ -297,15 +297,23 @@ def loads(text: str, file=None) -> Trace:
     )
 
 
-def load(path) -> Trace:
+def read_text(path) -> str:
+    """A trace file's text; a missing file, a folder or binary content is a TraceFormatError."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TraceFormatError(path, "", "no such file") from None
+    except IsADirectoryError:
+        raise TraceFormatError(path, "", "is a directory, not a trace file") from None
     except UnicodeDecodeError:
-        raise TraceFormatError(path, "", "not a text file (expected a JSON trace)") from None
-    return loads(text, file=path)
+        raise TraceFormatError(path, "", "not a text file (expected a JSON trace or a Markdown report)") from None
+    except OSError as exc:
+        raise TraceFormatError(path, "", f"cannot be read: {exc.strerror or exc}") from None
+
+
+def load(path) -> Trace:
+    return loads(read_text(path), file=Path(path))
 
 
 def replace_stats(s: TensorStats, **changes) -> TensorStats:

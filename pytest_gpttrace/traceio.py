@@ -10,8 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import TraceFormatError
-from .trace import Trace, dumps, loads
+from .trace import Trace, dumps, loads, read_text
 
 MARKDOWN_SUFFIXES = (".md", ".markdown", ".txt")
 
@@ -19,14 +18,7 @@ MARKDOWN_SUFFIXES = (".md", ".markdown", ".txt")
 def read_trace(path) -> Trace:
     """A Trace from a JSON trace or a seed-format Markdown report (told apart by content)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TraceFormatError(path, "", "no such file") from None
-    except IsADirectoryError:
-        raise TraceFormatError(path, "", "is a directory, not a trace file") from None
-    except UnicodeDecodeError:
-        raise TraceFormatError(path, "", "not a text file (expected a JSON trace or a Markdown report)") from None
+    text = read_text(path)
     if text.lstrip().startswith("{") or path.suffix == ".json":
         return loads(text, file=path)
     from . import markdown
