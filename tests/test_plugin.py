@@ -175,7 +175,7 @@ def test_terminal_summary_lines(project):
     result = run(project, "--gpt-trace", "-v")
     result.stdout.fnmatch_lines([
         "*- gpt-trace -*",
-        "test_model.py::test_model: 48 stages, 2 iterations, loss 4.158883 -> *, 0 out of tolerance, golden golden/test_model/test_model.json",
+        "test_model.py::test_model: 48 stages, 2 iterations, loss 4.158883 -> *, 0 out of tolerance, golden golden/test_model/test_model.json, 0 warnings/errors, * infos",
         "*residual std by layer*",
     ])
 
