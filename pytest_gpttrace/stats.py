@@ -1,32 +1,53 @@
 """Statistics of one tensor, computed on the tensor's device without a host synchronisation.
 
-``stats_vector(x)`` returns a small float64 tensor on x's device holding the raw reductions
-(sum, min, max, non-zero count, NaN count, Inf count, variance). Nothing is read back:
-``StatsBatch`` gathers the vectors of one iteration and copies them to the host in one transfer,
-then ``finish`` turns each row into a TensorStats. ``tensor_stats(x)`` is the one-tensor shortcut.
+``stats_vector(x)`` returns a small float64 tensor on x's device holding the raw reductions. Nothing
+is read back: ``StatsBatch`` gathers the vectors of one iteration and copies them to the host in
+one transfer, then turns each row into a TensorStats. ``tensor_stats(x)`` is the one-tensor shortcut.
 
-Accumulation: float16/bfloat16/float32 reduce in float32 (torch's reductions sum pairwise, so the
-error grows with log n, not n), float64 in float64; integer and bool tensors are converted to
-float64 first. The variance is torch.var's (Welford), so a large mean does not cancel the std, and the
-rms comes from them (rms² = mean² + var·(n−1)/n) rather than from a float32 sum of squares, whose
-error grows with n.
+Two paths compute the same raw vector (``FIELDS``):
+
+- ``compiled``: one fused kernel (the function ``_fused`` under ``torch.compile``, dynamic shapes)
+  that reads the tensor once and produces every reduction: the memory-bandwidth floor, about the
+  cost of one ``x.sum()``. It runs for contiguous floating tensors of at least ``FUSED_MIN_NUMEL``
+  elements; smaller ones, integer, bool, complex and strided tensors take the eager path, where a
+  handful of tiny kernels costs less than a call into compiled code.
+- ``eager``: plain torch reductions. It needs nothing but torch; it is the fallback where
+  ``torch.compile`` cannot run (no C++ compiler for CPU code, an unsupported platform) and what
+  ``GPTTRACE_STATS_PATH=eager`` selects.
+
+``GPTTRACE_STATS_PATH`` = ``auto`` (default: compiled when it works, else eager, silently),
+``compiled`` (an error when it cannot run) or ``eager``. The trace's environment says which ran.
+
+Accuracy. The fused kernel sums d = x - c and d^2 in float64, with c the tensor's first element
+(the shifted-data algorithm): the variance does not cancel when the mean is large against the
+spread, and an all-equal tensor has a variance of exactly 0. d itself is formed in float32 (float64
+for float64 tensors), which rounds each element by at most half an ulp of |x - c|. The eager path
+sums in float32 (pairwise) and takes torch.var (Welford). Counts are exact on both.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .errors import CaptureError
 from .trace import TensorStats
 
-# order of the entries of a stats vector
-FIELDS = ("sum", "min", "max", "nonzero", "nan", "inf", "var")
+# The raw vector: mean = shift + sum/n, population variance = sumsq/n - (sum/n)^2.
+FIELDS = ("shift", "sum", "sumsq", "min", "max", "zeros", "nan", "inf")
 _N = len(FIELDS)
 
+PATHS = ("auto", "compiled", "eager")
+ENV_VAR = "GPTTRACE_STATS_PATH"
+FUSED_MIN_NUMEL = 16384  # below this the eager kernels are cheaper than a compiled call
+_MAX_INT32 = 2**31 - 1
 _HALF = (torch.float16, torch.bfloat16)
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -41,33 +62,144 @@ class TensorMeta:
         return cls(tuple(x.shape), str(x.dtype), str(x.device), x.numel())
 
 
-def _eager_vector(x: torch.Tensor) -> torch.Tensor:
-    if not x.is_floating_point():
-        x = x.to(torch.float64)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(acc) if x.dtype in _HALF else x
-    lo, hi = torch.aminmax(x)
-    if x.numel() > 1:
-        var = torch.var(xf)
-    else:
-        var = torch.zeros((), dtype=acc, device=x.device)
+# ------------------------------------------------------------------------------ the two kernels
+def _fused(x: torch.Tensor) -> torch.Tensor:
+    """Every reduction of a 1-D floating tensor in one pass (written for torch.compile)."""
+    xf = x if x.dtype == torch.float64 else x.to(torch.float32)
+    c = xf[0]
+    c = torch.where(c.abs() < math.inf, c, torch.zeros_like(c))  # a non-finite shift would poison the sums
+    d = (xf - c).to(torch.float64)  # sums in float64: inside the kernel this costs no extra memory traffic
+    # x != x and |x| == inf rather than isnan/isinf: the comparisons vectorise, the calls do not
     parts = (
-        torch.sum(x, dtype=acc),
-        lo, hi,
-        torch.count_nonzero(x),
-        torch.isnan(x).sum(),
-        torch.isinf(x).sum(),
-        var,
+        c, d.sum(), (d * d).sum(), xf.amin(), xf.amax(),
+        (xf == 0).sum(dtype=torch.int32), (xf != xf).sum(dtype=torch.int32),
+        (xf.abs() == math.inf).sum(dtype=torch.int32),
     )
     return torch.stack([p.to(torch.float64) for p in parts])
 
 
-def stats_vector(x: torch.Tensor) -> torch.Tensor | None:
-    """The raw reductions of x as a float64 vector on x's device (None for an empty tensor)."""
+def _eager(x: torch.Tensor) -> torch.Tensor:
+    if x.is_complex():
+        x = torch.view_as_real(x)  # statistics over the real and imaginary parts
+    if not x.is_floating_point():
+        x = x.to(torch.float64)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc) if x.dtype in _HALF else x
+    n = x.numel()
+    lo, hi = torch.aminmax(x)
+    mean = torch.sum(x, dtype=acc) / n
+    if n > 1:
+        sumsq = torch.var(xf, correction=0) * n
+    else:
+        sumsq = torch.zeros((), dtype=acc, device=x.device)
+    zeros = n - torch.count_nonzero(x)
+    nan = torch.count_nonzero(x != x)
+    inf = torch.count_nonzero(x.abs() == math.inf)
+    parts = (mean, torch.zeros_like(mean), sumsq, lo, hi, zeros, nan, inf)
+    return torch.stack([p.to(torch.float64) for p in parts])
+
+
+# ------------------------------------------------------------------------------ path selection
+class _Compiled:
+    """The compiled fused kernel, built once per process; a dtype whose compile fails falls back."""
+
+    def __init__(self):
+        self._fn = None
+        self._lock = threading.Lock()
+        self.failures: dict[torch.dtype, str] = {}
+
+    def function(self):
+        with self._lock:
+            if self._fn is None:
+                self._fn = torch.compile(_fused, dynamic=True, fullgraph=True)
+            return self._fn
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused vector of a contiguous 1-D tensor, or None if this dtype cannot be compiled."""
+        if x.dtype in self.failures:
+            return None
+        try:
+            return self.function()(x)
+        except Exception as exc:  # no C++ compiler, an inductor limitation: eager is always correct
+            self.failures[x.dtype] = f"{type(exc).__name__}: {_first_line(exc)}"
+            return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+_COMPILED = _Compiled()
+
+
+def requested_path(path: str | None = None) -> str:
+    """The path asked for: the argument, else GPTTRACE_STATS_PATH, else auto."""
+    if path is None:
+        path = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+        origin = f"{ENV_VAR}={path!r}"
+    else:
+        origin = f"stats_path={path!r}"
+    if path not in PATHS:
+        raise CaptureError(f"{origin} is not a statistics path: use one of {', '.join(PATHS)}")
+    return path
+
+
+def prepare(path: str | None = None, device: torch.device | str = "cpu") -> tuple[str, str | None]:
+    """Resolve the path for tensors on ``device`` and compile the fused kernel now (not inside a step).
+
+    Returns (path that will run, why the compiled path is not used or None). ``auto`` falls back to
+    eager without error; ``compiled`` raises CaptureError when it cannot run.
+    """
+    want = requested_path(path)
+    if want == "eager":
+        return "eager", None
+    probe = torch.linspace(-1.0, 1.0, FUSED_MIN_NUMEL, device=device)
+    with torch.no_grad():
+        got = _COMPILED(probe)
+        reason = _COMPILED.failures.get(probe.dtype)
+        if got is not None and not _agree(probe, got, _eager(probe)):
+            reason = "the compiled kernel disagreed with the eager one on a probe tensor"
+            _COMPILED.failures[probe.dtype] = reason
+    if reason is None:
+        return "compiled", None
+    if want == "compiled":
+        raise CaptureError(f"{ENV_VAR}=compiled, but torch.compile cannot build the statistics kernel: {reason}")
+    return "eager", f"torch.compile unavailable ({reason})"
+
+
+def _agree(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    meta = TensorMeta.of(x)
+    sa, sb = from_row(meta, a.cpu().tolist()), from_row(meta, b.cpu().tolist())
+    return all(math.isclose(getattr(sa, k), getattr(sb, k), rel_tol=1e-5, abs_tol=1e-6)
+               for k in ("mean", "std", "min", "max", "rms", "zero_frac", "nan", "inf"))
+
+
+def compiled_failures() -> dict[str, str]:
+    """dtype -> why the fused kernel could not run for it (this process)."""
+    return {str(k): v for k, v in _COMPILED.failures.items()}
+
+
+def _use_fused(x: torch.Tensor) -> bool:
+    return (x.dtype in _FUSED_DTYPES and x.is_contiguous() and FUSED_MIN_NUMEL <= x.numel() <= _MAX_INT32
+            and not torch.compiler.is_compiling())
+
+
+def stats_vector(x: torch.Tensor, path: str = "eager") -> torch.Tensor | None:
+    """The raw reductions of x (``FIELDS``) as a float64 vector on x's device; None for an empty tensor.
+
+    ``path="compiled"`` uses the fused kernel where it applies (see the module docstring); anything
+    it does not apply to, and a dtype it failed to compile for, goes the eager way.
+    """
     if x.numel() == 0:
         return None
     with torch.no_grad():
-        return _eager_vector(x.detach())
+        x = x.detach()
+        if path == "compiled" and _use_fused(x):
+            v = _COMPILED(x.view(-1))
+            if v is not None:
+                return v
+        return _eager(x)
 
 
 def from_row(meta: TensorMeta, row) -> TensorStats:
@@ -75,10 +207,17 @@ def from_row(meta: TensorMeta, row) -> TensorStats:
     n = meta.numel
     if row is None or n == 0:
         return TensorStats(meta.shape, meta.dtype, meta.device, n)
-    s, lo, hi, nonzero, nan, inf, var = (float(v) for v in row)
-    mean = s / n
-    std = 0.0 if n == 1 else (math.sqrt(var) if var >= 0 else float("nan"))
-    ms = mean * mean + (var * (n - 1) / n if n > 1 else 0.0)
+    shift, s1, s2, lo, hi, zeros, nan, inf = (float(v) for v in row)
+    m1 = s1 / n
+    mean = shift + m1
+    var = s2 / n - m1 * m1  # population variance; rounding can leave it a hair below zero
+    if var < 0:
+        var = 0.0
+    if n == 1:
+        std = 0.0
+    else:
+        std = math.sqrt(var * n / (n - 1)) if var == var else float("nan")
+    ms = mean * mean + var
     return TensorStats(
         shape=meta.shape,
         dtype=meta.dtype,
@@ -88,8 +227,8 @@ def from_row(meta: TensorMeta, row) -> TensorStats:
         std=std,
         min=lo,
         max=hi,
-        rms=math.sqrt(ms) if ms >= 0 else float("nan"),
-        zero_frac=(n - nonzero) / n,
+        rms=math.sqrt(ms) if ms == ms else float("nan"),
+        zero_frac=zeros / n,
         nan=int(nan),
         inf=int(inf),
     )
@@ -98,15 +237,17 @@ def from_row(meta: TensorMeta, row) -> TensorStats:
 class StatsBatch:
     """Gathers stats vectors and reads them back to the host in one copy per device."""
 
-    def __init__(self):
-        self._items: list[tuple[Any, TensorMeta, torch.Tensor | None]] = []
+    def __init__(self, path: str = "eager"):
+        self.path = path
+        self._items: list[tuple[Any, TensorMeta | None, torch.Tensor | None]] = []
         self._scalars: list[tuple[Any, torch.Tensor]] = []
+        self._vectors: list[tuple[Any, torch.Tensor]] = []
 
     def __len__(self):
         return len(self._items)
 
     def add(self, key, x: torch.Tensor) -> None:
-        self._items.append((key, TensorMeta.of(x), stats_vector(x)))
+        self._items.append((key, TensorMeta.of(x), stats_vector(x, self.path)))
 
     def add_missing(self, key) -> None:
         """A slot for a tensor that does not exist (a parameter without a gradient)."""
@@ -116,18 +257,27 @@ class StatsBatch:
         """A scalar read back with the batch (the loss), as a float."""
         self._scalars.append((key, x.detach().reshape(()).to(torch.float64)))
 
-    def finish(self) -> tuple[list[tuple[Any, TensorStats | None]], dict[Any, float]]:
-        """One host copy per device; returns [(key, TensorStats or None)] in order, and the scalars."""
-        vectors = [v for _, _, v in self._items if v is not None] + [s.reshape(1).expand(_N) for _, s in self._scalars]
-        host_rows: dict[int, Any] = {}
-        if vectors:
-            by_device: dict[torch.device, list[int]] = {}
-            for i, v in enumerate(vectors):
-                by_device.setdefault(v.device, []).append(i)
-            for device, idxs in by_device.items():
-                block = torch.stack([vectors[i] for i in idxs]).cpu().numpy()  # the one copy
-                for row, i in zip(block, idxs):
-                    host_rows[i] = row
+    def add_values(self, key, values: torch.Tensor) -> None:
+        """A 1-D tensor of values read back with the batch, as a list of floats."""
+        self._vectors.append((key, values.detach().reshape(-1).to(torch.float64)))
+
+    def finish(self) -> tuple[list[tuple[Any, TensorStats | None]], dict[Any, Any]]:
+        """One host copy per device. Returns [(key, TensorStats or None)] in the order added, and
+        a dict of the scalars (floats) and value vectors (lists of floats)."""
+        flat: list[torch.Tensor] = [v for _, _, v in self._items if v is not None]
+        flat += [s.reshape(1) for _, s in self._scalars]
+        flat += [v for _, v in self._vectors]
+        sizes = [v.numel() for v in flat]
+        host: list[list[float]] = [[] for _ in flat]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, v in enumerate(flat):
+            by_device.setdefault(v.device, []).append(i)
+        for idxs in by_device.values():
+            values = torch.cat([flat[i].reshape(-1) for i in idxs]).cpu().tolist()  # the one copy
+            at = 0
+            for i in idxs:
+                host[i] = values[at:at + sizes[i]]
+                at += sizes[i]
         out, k = [], 0
         for key, meta, v in self._items:
             if meta is None:
@@ -135,16 +285,22 @@ class StatsBatch:
             elif v is None:
                 out.append((key, from_row(meta, None)))
             else:
-                out.append((key, from_row(meta, host_rows[k])))
+                out.append((key, from_row(meta, host[k])))
                 k += 1
-        scalars = {key: float(host_rows[k + j][0]) for j, (key, _) in enumerate(self._scalars)}
-        self._items, self._scalars = [], []
-        return out, scalars
+        extra: dict[Any, Any] = {}
+        for key, _ in self._scalars:
+            extra[key] = host[k][0]
+            k += 1
+        for key, _ in self._vectors:
+            extra[key] = host[k]
+            k += 1
+        self._items, self._scalars, self._vectors = [], [], []
+        return out, extra
 
 
-def tensor_stats(x: torch.Tensor) -> TensorStats:
+def tensor_stats(x: torch.Tensor, path: str = "eager") -> TensorStats:
     """Statistics of one tensor (reads back to the host: for use outside a traced step)."""
-    batch = StatsBatch()
+    batch = StatsBatch(path)
     batch.add(0, x)
     (_, stats), = batch.finish()[0]
     return stats

@@ -14,8 +14,11 @@ default stages it matches, ``+pattern`` adds any module it matches, ``!pattern``
 Per stage output the forward hook computes statistics on the device and, when the output takes
 part in autograd, registers a tensor hook that computes the statistics of its gradient (robust to
 in-place ops, unlike module backward hooks). ``end_iteration`` adds every parameter gradient and
-copies the iteration's statistics to the host in one transfer. Nothing inside a hook reads a value
-back to the host. A module called twice in one iteration is recorded as ``name`` and ``name#2``.
+the loss, and copies the whole iteration to the host in one transfer. Nothing inside a hook reads a
+value back to the host. A module called twice in one iteration is recorded as ``name`` and ``name#2``.
+
+Statistics run on the fused compiled kernel when it is available (see ``stats``); it is compiled
+when the capture starts, not inside the first step, and the trace's environment says which path ran.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CaptureError
+from . import stats as _stats
 from .stats import StatsBatch
 from .trace import Iteration, Trace
 
@@ -99,7 +103,7 @@ def model_config(model: nn.Module) -> dict:
     return {}
 
 
-def environment(model: nn.Module, stats_path: str = "eager") -> dict:
+def environment(model: nn.Module, stats_path: str = "eager", stats_note: str | None = None) -> dict:
     param = next(model.parameters(), None)
     floating = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -112,6 +116,7 @@ def environment(model: nn.Module, stats_path: str = "eager") -> dict:
         "dtype": str(floating.dtype) if floating is not None else "n/a",
         "threads": torch.get_num_threads(),
         "stats_path": stats_path,
+        **({"stats_note": stats_note} if stats_note else {}),
     }
 
 
@@ -119,21 +124,24 @@ class Capture:
     """Hooks on a model's stages; builds one Iteration per forward/backward. Use through ``capture``."""
 
     def __init__(self, model: nn.Module, stages: Sequence[str] | None = None, *,
-                 grads: bool = True, param_grads: bool = True):
+                 grads: bool = True, param_grads: bool = True, stats_path: str | None = None):
         self.model = model
         self.grads = grads
         self.param_grads = param_grads
         self.stages = select_stages(model, stages)
+        self.requested_path = _stats.requested_path(stats_path)
+        self.stats_path = "eager"
+        self.stats_note: str | None = None
         self.iterations: list[Iteration] = []
         self.zero_params: tuple[str, ...] | None = None
+        self._zero_counts: torch.Tensor | None = None
         self._handles: list = []
         self._tensor_handles: list = []
         self._active = False
         self._reset()
 
     def _reset(self):
-        self._forward = StatsBatch()
-        self._backward = StatsBatch()
+        self._batch = StatsBatch(self.stats_path)
         self._seen: dict[str, int] = {}
         self._grad_seen: dict[str, int] = {}
 
@@ -149,7 +157,7 @@ class Capture:
                 return None
             for suffix, t in _tensors(output):
                 stage = self._unique(name + suffix, self._seen)
-                self._forward.add(stage, t)
+                self._batch.add(("forward", stage), t)
                 if self.grads and t.requires_grad:
                     self._tensor_handles.append(t.register_hook(self._grad_hook(stage)))
             return None
@@ -158,24 +166,32 @@ class Capture:
     def _grad_hook(self, stage: str):
         def hook(grad):
             if self._active:
-                self._backward.add(self._unique(stage, self._grad_seen), grad)
+                self._batch.add(("stage_grads", self._unique(stage, self._grad_seen)), grad)
             return None
         return hook
 
     # -- lifecycle -------------------------------------------------------------
-    def _record_zero_params(self) -> None:
-        """Which parameters are exactly zero now (zero-init choices): one host copy, before any step."""
+    def _count_nonzero_params(self) -> None:
+        """Count each parameter's non-zero entries now, before any step (zero-init choices); the
+        counts travel to the host with the first iteration's statistics."""
         params = list(self.model.named_parameters())
+        self._zero_counts = None
         if not params:
             self.zero_params = ()
             return
         with torch.no_grad():
             device = params[0][1].device
-            nonzero = torch.stack([torch.count_nonzero(p.detach()).to(device) for _, p in params]).cpu()
-        self.zero_params = tuple(name for (name, p), n in zip(params, nonzero.tolist()) if n == 0 and p.numel())
+            self._zero_counts = torch.stack([torch.count_nonzero(p.detach()).to(device) for _, p in params])
+
+    def _read_zero_params(self, counts) -> None:
+        params = list(self.model.named_parameters())
+        self.zero_params = tuple(name for (name, p), n in zip(params, counts) if n == 0 and p.numel())
 
     def __enter__(self) -> "Capture":
-        self._record_zero_params()
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        self.stats_path, self.stats_note = _stats.prepare(self.requested_path, device)
+        self._reset()
+        self._count_nonzero_params()
         self._active = True
         try:
             for name, module in self.stages:
@@ -197,27 +213,33 @@ class Capture:
     def end_iteration(self, loss: torch.Tensor | float | None = None, stepped: bool | None = None,
                       lr: dict | None = None) -> Iteration:
         """Close the current iteration: record parameter gradients, copy to the host once."""
-        params = StatsBatch()
+        batch = self._batch
         if self.param_grads:
             for name, p in self.model.named_parameters():
                 if p.grad is None:
-                    params.add_missing(name)
+                    batch.add_missing(("param_grads", name))
                 else:
-                    params.add(name, p.grad)
+                    batch.add(("param_grads", name), p.grad)
         if isinstance(loss, torch.Tensor):
-            params.add_scalar("loss", loss)
-        forward, _ = self._forward.finish()
-        backward, _ = self._backward.finish()
-        grads, scalars = params.finish()
-        loss_value = scalars.get("loss", loss if isinstance(loss, (int, float)) else None)
+            batch.add_scalar("loss", loss)
+        if self._zero_counts is not None:
+            batch.add_values("zero_counts", self._zero_counts)
+            self._zero_counts = None
+        rows, extra = batch.finish()
+        if "zero_counts" in extra:
+            self._read_zero_params(extra["zero_counts"])
+        sections: dict[str, dict] = {"forward": {}, "stage_grads": {}, "param_grads": {}}
+        for (section, stage), stats in rows:
+            sections[section][stage] = stats
+        loss_value = extra.get("loss", loss if isinstance(loss, (int, float)) else None)
         it = Iteration(
             index=len(self.iterations),
             loss=None if loss_value is None else float(loss_value),
             stepped=stepped,
             lr=dict(lr or {}),
-            forward=dict(forward),
-            stage_grads=dict(backward),
-            param_grads=dict(grads),
+            forward=sections["forward"],
+            stage_grads=sections["stage_grads"],
+            param_grads=sections["param_grads"],
         )
         self.iterations.append(it)
         for h in self._tensor_handles:
@@ -226,10 +248,18 @@ class Capture:
         self._reset()
         return it
 
+    def _note(self) -> str | None:
+        if self.stats_path != "compiled":
+            return self.stats_note
+        failed = _stats.compiled_failures()
+        if not failed:
+            return None
+        return "eager for " + "; ".join(f"{dtype} ({why})" for dtype, why in failed.items())
+
     def trace(self) -> Trace:
         return Trace(
             config=model_config(self.model),
-            environment=environment(self.model),
+            environment=environment(self.model, self.stats_path, self._note()),
             iterations=tuple(self.iterations),
             parameters={n: tuple(p.shape) for n, p in self.model.named_parameters()},
             model=type(self.model).__name__,
@@ -238,9 +268,12 @@ class Capture:
 
 
 def capture(model: nn.Module, stages: Sequence[str] | None = None, *, grads: bool = True,
-            param_grads: bool = True) -> Capture:
-    """Context manager hooking every stage of ``model``; hooks are removed on exit, also on error."""
-    return Capture(model, stages, grads=grads, param_grads=param_grads)
+            param_grads: bool = True, stats_path: str | None = None) -> Capture:
+    """Context manager hooking every stage of ``model``; hooks are removed on exit, also on error.
+
+    stats_path: "auto", "compiled" or "eager" (default: the GPTTRACE_STATS_PATH variable, else auto).
+    """
+    return Capture(model, stages, grads=grads, param_grads=param_grads, stats_path=stats_path)
 
 
 # ------------------------------------------------------------------------------ training loop
@@ -289,6 +322,7 @@ def trace_training(
     stages: Sequence[str] | None = None,
     loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
     grads: bool = True,
+    stats_path: str | None = None,
 ) -> Trace:
     """Run the usual loop (forward, backward, step, zero_grad) for ``iterations`` forward/backward
     passes under capture, and return the Trace.
@@ -306,7 +340,7 @@ def trace_training(
     model.train()
     for opt in opts:
         opt.zero_grad(set_to_none=True)
-    with capture(model, stages, grads=grads) as cap:
+    with capture(model, stages, grads=grads, stats_path=stats_path) as cap:
         for i in range(iterations):
             try:
                 batch = next(batches)

@@ -1,0 +1,202 @@
+"""Capture overhead: traced training step vs plain training step, side by side in one process.
+
+    python benchmarks/overhead.py                       # depths 4, 8, 12 at T 1024, V 65536
+    python benchmarks/overhead.py --depths 4 --pairs 11
+
+For each depth it builds the reference GPT with AdamW on every parameter, warms up (this compiles
+the statistics kernel), then runs pairs of steps, one plain and one traced, alternating which goes
+first so that drift (turbo, caches, other load) falls on both equally. A step is forward, backward,
+optimizer step and zero_grad. A traced step does the same under full capture: every stage's output,
+every stage's gradient and every parameter's gradient, read back to the host once at the end of the
+step; its time includes entering and leaving the capture (registering and removing the hooks).
+
+Printed per depth: the median of the per-pair ratios traced/plain and their spread (min-max), the
+median step times, the peak memory of each kind of step and their ratio, and the statistics path
+in use. Peak memory is the process's peak resident set during the step (Linux: reset through
+/proc/self/clear_refs before each step), or the peak allocated device memory on CUDA.
+
+The last line is machine-readable:
+    overhead depth4=1.04 depth8=1.03 depth12=1.02 mem=1.01
+where mem is the largest memory ratio over the depths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pytest_gpttrace.tracer import capture  # noqa: E402
+from reference_model import GPT, GPTConfig  # noqa: E402
+from reference_model.train import synthetic_batches  # noqa: E402
+
+
+# ------------------------------------------------------------------------------ peak memory
+class PeakMemory:
+    """Peak memory of a region: CUDA's allocator peak, else the process's peak RSS (Linux)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.available = self.cuda or self._can_reset_rss()
+
+    @staticmethod
+    def _can_reset_rss() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        elif self.available:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+
+    def peak(self) -> float | None:
+        """Peak since reset, in bytes."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return float(torch.cuda.max_memory_allocated())
+        if not self.available:
+            return None
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024
+        return None
+
+
+# ------------------------------------------------------------------------------ steps
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_run(depth: int, args, device: torch.device):
+    config = GPTConfig.from_depth(depth, vocab_size=args.vocab_size, sequence_len=args.sequence_len)
+    model = GPT(config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    idx, targets = next(synthetic_batches(config, seed=0, batch_size=args.batch_size, device=device))
+    model.train()
+    state = {"path": None, "stats": 0}
+
+    def step(traced: bool) -> None:
+        if traced:
+            with capture(model, stats_path=args.stats_path) as cap:
+                loss = model(idx, targets)
+                loss.backward()
+                it = cap.end_iteration(loss=loss, stepped=True)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            state["path"] = cap.stats_path + (f" ({cap._note()})" if cap._note() else "")
+            state["stats"] = len(it.forward) + len(it.stage_grads) + len(it.param_grads)
+        else:
+            loss = model(idx, targets)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return config, model, step, state
+
+
+def measure(step, traced: bool, memory: PeakMemory, device) -> tuple[float, float | None]:
+    gc.collect()
+    sync(device)
+    memory.reset()
+    t0 = time.perf_counter()
+    step(traced)
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    return elapsed, memory.peak()
+
+
+def run_depth(depth: int, args, device) -> dict:
+    config, model, step, state = make_run(depth, args, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"depth {depth}: d_model {config.n_embd}, {config.n_head} heads, {n_params / 1e6:.1f}M parameters, "
+          f"T {config.sequence_len}, V {config.vocab_size}, batch {args.batch_size}", flush=True)
+    memory = PeakMemory(device)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step(False)
+        step(True)
+    print(f"  warm-up: {args.warmup} plain + {args.warmup} traced steps in {time.perf_counter() - t0:.1f} s "
+          f"(includes compiling the statistics kernel on first use)", flush=True)
+    plain, traced, ratios, mem_plain, mem_traced = [], [], [], [], []
+    for i in range(args.pairs):
+        order = (False, True) if i % 2 == 0 else (True, False)
+        got = {}
+        for kind in order:
+            got[kind] = measure(step, kind, memory, device)
+        (tp, mp), (tt, mt) = got[False], got[True]
+        plain.append(tp)
+        traced.append(tt)
+        ratios.append(tt / tp)
+        if mp is not None and mt is not None:
+            mem_plain.append(mp)
+            mem_traced.append(mt)
+        print(f"  pair {i + 1}/{args.pairs}: plain {tp:.3f} s, traced {tt:.3f} s, ratio {tt / tp:.3f}", flush=True)
+    result = {
+        "depth": depth,
+        "ratio": statistics.median(ratios),
+        "spread": (min(ratios), max(ratios)),
+        "plain_s": statistics.median(plain),
+        "traced_s": statistics.median(traced),
+        "path": state["path"],
+        "stats": state["stats"],
+        "mem_plain": max(mem_plain) if mem_plain else None,
+        "mem_traced": max(mem_traced) if mem_traced else None,
+    }
+    result["mem_ratio"] = (result["mem_traced"] / result["mem_plain"]) if mem_plain else None
+    mem = ("peak memory n/a" if result["mem_ratio"] is None else
+           f"peak memory plain {result['mem_plain'] / 2**20:.0f} MiB, traced {result['mem_traced'] / 2**20:.0f} MiB, "
+           f"ratio {result['mem_ratio']:.3f}")
+    print(f"  depth {depth}: overhead {result['ratio']:.3f} (median of {args.pairs} pairs, spread "
+          f"{result['spread'][0]:.3f}-{result['spread'][1]:.3f}); step plain {result['plain_s']:.3f} s, "
+          f"traced {result['traced_s']:.3f} s; {mem}; {result['stats']} tensors summarised per step; "
+          f"statistics path: {result['path']}", flush=True)
+    del model, step
+    gc.collect()
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--depths", type=int, nargs="+", default=[4, 8, 12])
+    p.add_argument("--pairs", type=int, default=7, help="timed (plain, traced) pairs per depth (default 7)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed (plain, traced) pairs first (default 1)")
+    p.add_argument("--sequence-len", type=int, default=1024)
+    p.add_argument("--vocab-size", type=int, default=65536)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--stats-path", choices=("auto", "compiled", "eager"), default=None,
+                   help="statistics path (default: GPTTRACE_STATS_PATH, else auto)")
+    args = p.parse_args(argv)
+    if args.pairs < 1 or args.warmup < 1:
+        p.error("--pairs and --warmup must be at least 1")
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+          f"python {sys.version.split()[0]}, pid {os.getpid()}", flush=True)
+    results = [run_depth(d, args, device) for d in args.depths]
+    mems = [r["mem_ratio"] for r in results if r["mem_ratio"] is not None]
+    summary = " ".join(f"depth{r['depth']}={r['ratio']:.2f}" for r in results)
+    summary += f" mem={max(mems):.2f}" if mems else " mem=n/a"
+    print(f"overhead {summary}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
