@@ -20,9 +20,9 @@ Two paths compute the same raw vector (``FIELDS``):
 
 Accuracy. The fused kernel sums d = x - c and d^2 in float64, with c the tensor's first element
 (the shifted-data algorithm): the variance does not cancel when the mean is large against the
-spread, and an all-equal tensor has a variance of exactly 0. d itself is formed in float32 (float64
-for float64 tensors), which rounds each element by at most half an ulp of |x - c|. The eager path
-sums in float32 (pairwise) and takes torch.var (Welford). Counts are exact on both.
+spread, and an all-equal tensor has a variance of exactly 0. The eager path makes two passes:
+the mean (a float32 pairwise sum), then the sums of d and d^2 with c that mean, the classic
+two-pass algorithm, accurate in float32. Counts are exact on both.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ PATHS = ("auto", "compiled", "eager")
 ENV_VAR = "GPTTRACE_STATS_PATH"
 FUSED_MIN_NUMEL = 16384  # below this the eager kernels are cheaper than a compiled call
 _MAX_INT32 = 2**31 - 1
+_CHUNK = 1 << 22  # elements per step of the eager path's second pass
 _HALF = (torch.float16, torch.bfloat16)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -68,7 +70,7 @@ def _fused(x: torch.Tensor) -> torch.Tensor:
     xf = x if x.dtype == torch.float64 else x.to(torch.float32)
     c = xf[0]
     c = torch.where(c.abs() < math.inf, c, torch.zeros_like(c))  # a non-finite shift would poison the sums
-    d = (xf - c).to(torch.float64)  # sums in float64: inside the kernel this costs no extra memory traffic
+    d = xf.to(torch.float64) - c.to(torch.float64)  # exact; float64 sums cost no extra memory traffic
     # x != x and |x| == inf rather than isnan/isinf: the comparisons vectorise, the calls do not
     parts = (
         c, d.sum(), (d * d).sum(), xf.amin(), xf.amax(),
@@ -79,23 +81,28 @@ def _fused(x: torch.Tensor) -> torch.Tensor:
 
 
 def _eager(x: torch.Tensor) -> torch.Tensor:
+    """The same reductions with plain torch kernels: two passes, the second in chunks, so that no
+    temporary is larger than ``_CHUNK`` elements."""
     if x.is_complex():
         x = torch.view_as_real(x)  # statistics over the real and imaginary parts
     if not x.is_floating_point():
         x = x.to(torch.float64)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(acc) if x.dtype in _HALF else x
-    n = x.numel()
-    lo, hi = torch.aminmax(x)
-    mean = torch.sum(x, dtype=acc) / n
-    if n > 1:
-        sumsq = torch.var(xf, correction=0) * n
-    else:
-        sumsq = torch.zeros((), dtype=acc, device=x.device)
-    zeros = n - torch.count_nonzero(x)
-    nan = torch.count_nonzero(x != x)
-    inf = torch.count_nonzero(x.abs() == math.inf)
-    parts = (mean, torch.zeros_like(mean), sumsq, lo, hi, zeros, nan, inf)
+    flat = x.reshape(-1)
+    n = flat.numel()
+    # pass 1: the mean, the shift that makes pass 2's variance free of cancellation
+    c = torch.sum(flat, dtype=acc) / n
+    c = torch.where(c.abs() < math.inf, c, torch.zeros_like(c))
+    s1 = s2 = nan = inf = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, n, _CHUNK):
+        chunk = flat[start:start + _CHUNK]
+        d = chunk.to(acc) - c
+        s1 = s1 + torch.sum(d).to(torch.float64)
+        s2 = s2 + torch.sum(d * d).to(torch.float64)  # not vector_norm: its float32 sum drifts
+        nan = nan + torch.count_nonzero(chunk != chunk)
+        inf = inf + torch.count_nonzero(chunk.abs() == math.inf)
+    lo, hi = torch.aminmax(flat)
+    parts = (c, s1, s2, lo, hi, n - torch.count_nonzero(flat), nan, inf)
     return torch.stack([p.to(torch.float64) for p in parts])
 
 
@@ -119,15 +126,21 @@ class _Compiled:
         if x.dtype in self.failures:
             return None
         try:
-            return self.function()(x)
+            # torch's compiler stack emits its own deprecation warnings while it builds a kernel;
+            # under a test run's filterwarnings=error they would turn into a failed compile
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return self.function()(x)
         except Exception as exc:  # no C++ compiler, an inductor limitation: eager is always correct
             self.failures[x.dtype] = f"{type(exc).__name__}: {_first_line(exc)}"
             return None
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else ""
+    """The gist of an exception: its first lines, up to the one that names the cause."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    text = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+    return text[:300]
 
 
 _COMPILED = _Compiled()
@@ -218,6 +231,8 @@ def from_row(meta: TensorMeta, row) -> TensorStats:
     else:
         std = math.sqrt(var * n / (n - 1)) if var == var else float("nan")
     ms = mean * mean + var
+    if inf and not nan:
+        ms = math.inf  # the variance is NaN (inf - inf), the mean square is not
     return TensorStats(
         shape=meta.shape,
         dtype=meta.dtype,
