@@ -114,6 +114,7 @@ class _Compiled:
         self._fn = None
         self._lock = threading.Lock()
         self.failures: dict[torch.dtype, str] = {}
+        self.probed: dict[torch.device, str | None] = {}  # device -> why the probe failed, or None
 
     def function(self):
         with self._lock:
@@ -167,13 +168,17 @@ def prepare(path: str | None = None, device: torch.device | str = "cpu") -> tupl
     want = requested_path(path)
     if want == "eager":
         return "eager", None
-    probe = torch.linspace(-1.0, 1.0, FUSED_MIN_NUMEL, device=device)
-    with torch.no_grad():
-        got = _COMPILED(probe)
-        reason = _COMPILED.failures.get(probe.dtype)
-        if got is not None and not _agree(probe, got, _eager(probe)):
-            reason = "the compiled kernel disagreed with the eager one on a probe tensor"
-            _COMPILED.failures[probe.dtype] = reason
+    device = torch.device(device)
+    reason = _COMPILED.probed.get(device)
+    if device not in _COMPILED.probed:  # once per device and process
+        probe = torch.linspace(-1.0, 1.0, FUSED_MIN_NUMEL, device=device)
+        with torch.no_grad():
+            got = _COMPILED(probe)
+            reason = _COMPILED.failures.get(probe.dtype)
+            if got is not None and not _agree(probe, got, _eager(probe)):
+                reason = "the compiled kernel disagreed with the eager one on a probe tensor"
+                _COMPILED.failures[probe.dtype] = reason
+        _COMPILED.probed[device] = reason
     if reason is None:
         return "compiled", None
     if want == "compiled":
