@@ -7,6 +7,7 @@ only by the fixtures, so a session that traces nothing does not pay for it.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,12 +153,42 @@ def pytest_collection_modifyitems(config, items):
 
 
 # --------------------------------------------------------------------------- fixtures
+def _bad_marker(message: str):
+    """A marker argument that cannot work: this test errors with the message alone (no traceback)."""
+    pytest.fail(message, pytrace=False)
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % 2**32)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Seed torch, random and numpy before a traced test's fixtures build the model: a user model
+    initialised from the global RNG then starts the same on every run (and matches its golden)."""
+    if _SETTINGS not in item.config.stash or "gpt_trace" not in getattr(item, "fixturenames", ()):
+        return
+    marker = item.get_closest_marker(MARKER)
+    try:
+        seed = int((marker.kwargs if marker else {}).get("seed", 42))
+    except (TypeError, ValueError):
+        return  # the gpt_seed fixture reports it
+    _seed_everything(seed)
+
+
 def _marker_kwargs(request) -> dict:
     marker = request.node.get_closest_marker(MARKER)
     kwargs = dict(marker.kwargs) if marker else {}
     unknown = set(kwargs) - set(_MARKER_KEYS)
     if unknown or (marker and marker.args):
-        raise pytest.UsageError(
+        _bad_marker(
             f"{request.node.nodeid}: @pytest.mark.{MARKER} takes keyword arguments "
             f"{', '.join(_MARKER_KEYS)}; got {', '.join(sorted(unknown)) or 'positional arguments'}"
         )
@@ -174,8 +205,13 @@ def gpt_config():
 
 @pytest.fixture
 def gpt_seed(request) -> int:
-    """Init and data seed: the marker's seed=, else 42."""
-    return int(_marker_kwargs(request).get("seed", 42))
+    """Init and data seed: the marker's seed=, else 42. torch, random and numpy are seeded with it
+    before the model is built and again before the training loop."""
+    seed = _marker_kwargs(request).get("seed", 42)
+    try:
+        return int(seed)
+    except (TypeError, ValueError):
+        _bad_marker(f"{request.node.nodeid}: @pytest.mark.{MARKER}(seed={seed!r}): expected an integer")
 
 
 @pytest.fixture
@@ -207,12 +243,17 @@ def gpt_optimizers(gpt_model):
 
 
 @pytest.fixture
-def gpt_trace(request, gpt_model, gpt_batches, gpt_optimizers):
+def gpt_trace(request, gpt_seed, gpt_model, gpt_batches, gpt_optimizers):
     """Runs the marked number of instrumented training iterations and returns the Trace."""
     from .tracer import trace_training
 
     settings = request.config.stash[_SETTINGS]
     kwargs = _marker_kwargs(request)
+    try:
+        _anomaly_settings(request.node)  # a bad allow=/thresholds= fails here, not in the report hook
+    except ValueError as exc:
+        _bad_marker(f"{request.node.nodeid}: @pytest.mark.{MARKER}: {exc}")
+    _seed_everything(gpt_seed)  # the loop's own randomness (dropout, sampled batches) repeats too
     trace = trace_training(
         gpt_model, gpt_batches, gpt_optimizers,
         iterations=int(kwargs.get("iterations", settings.iterations)),
@@ -236,7 +277,7 @@ def gpt_golden(request):
     try:
         profile = get_profile(kwargs.get("profile") or settings.profile)
     except ValueError as exc:
-        raise pytest.UsageError(f"{request.node.nodeid}: {exc}") from None
+        _bad_marker(f"{request.node.nodeid}: {exc}")
     overrides = list(settings.tolerances) + _marker_tolerances(request, kwargs.get("tolerances"))
     golden = GoldenTrace(
         nodeid=request.node.nodeid,
@@ -264,7 +305,7 @@ def _marker_tolerances(request, tolerances) -> list:
             return out
         return [parse_override(line) for line in tolerances]
     except (TypeError, ValueError) as exc:
-        raise pytest.UsageError(f"{request.node.nodeid}: @pytest.mark.{MARKER}(tolerances=...): {exc}") from None
+        _bad_marker(f"{request.node.nodeid}: @pytest.mark.{MARKER}(tolerances=...): {exc}")
 
 
 def _write_report(settings, nodeid, trace):
@@ -329,17 +370,34 @@ def pytest_runtest_makereport(item, call):
         report.user_properties.append((_UPDATED, (golden.written, golden.display(golden.path))))
 
 
-def _anomalies(item, trace) -> list:
-    from .anomalies import Thresholds, detect
+def _anomaly_settings(item):
+    """(thresholds, allowed rules) for a test: ini settings, then its marker. ValueError if invalid."""
+    from .anomalies import RULES, Thresholds
 
     settings = item.config.stash[_SETTINGS]
     marker = item.get_closest_marker(MARKER)
     kwargs = marker.kwargs if marker else {}
+    extra = kwargs.get("thresholds") or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"thresholds= expects a dict of name -> number, got {type(extra).__name__}")
+    thresholds = Thresholds().updated({**settings.thresholds, **extra})
+    allow = kwargs.get("allow") or ()
+    if isinstance(allow, str):
+        allow = [allow]
+    unknown = [r for r in allow if r not in RULES]
+    if unknown:
+        raise ValueError(f"allow=: unknown rule {', '.join(map(repr, unknown))}; known: {', '.join(RULES)}")
+    return thresholds, list(settings.allow) + list(allow)
+
+
+def _anomalies(item, trace) -> list:
+    from .anomalies import detect
+
     try:
-        thresholds = Thresholds().updated({**settings.thresholds, **(kwargs.get("thresholds") or {})})
-        return detect(trace, thresholds, allow=list(settings.allow) + list(kwargs.get("allow") or ()))
-    except ValueError as exc:
-        raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{MARKER}: {exc}") from None
+        thresholds, allow = _anomaly_settings(item)
+    except ValueError:
+        return []  # already reported: the gpt_trace fixture failed the test with the reason
+    return detect(trace, thresholds, allow=allow)
 
 
 def _summary(item, trace, golden) -> dict:

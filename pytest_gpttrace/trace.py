@@ -92,6 +92,8 @@ class Trace:
     model: str = ""
     # parameters that were exactly zero when the capture began (None: not recorded)
     zero_params: tuple[str, ...] | None = None
+    # parameters with requires_grad=False: no gradient by design, so none is recorded for them
+    frozen_params: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         stages = len(self.stage_names)
@@ -151,6 +153,8 @@ def dumps(trace: Trace) -> str:
     lines.append(f'  "environment": {_line(_jsonable(trace.environment))},')
     lines += _block("parameters", {k: list(v) for k, v in trace.parameters.items()}, "  ", False)
     lines.append(f'  "zero_params": {_line(None if trace.zero_params is None else list(trace.zero_params))},')
+    if trace.frozen_params:  # only when there are any: traces without frozen parameters stay as they were
+        lines.append(f'  "frozen_params": {_line(list(trace.frozen_params))},')
     lines.append('  "iterations": [')
     for n, it in enumerate(trace.iterations):
         lines.append("    {")
@@ -274,6 +278,9 @@ def loads(text: str, file=None) -> Trace:
     zero_params = r.get(doc, "zero_params", "$", (list, type(None)), "a list of parameter names or null", optional=True)
     if zero_params is not None and not all(isinstance(n, str) for n in zero_params):
         r.fail("$.zero_params", "expected a list of parameter names (strings)")
+    frozen = r.get(doc, "frozen_params", "$", (list,), "a list of parameter names", optional=True) or []
+    if not all(isinstance(n, str) for n in frozen):
+        r.fail("$.frozen_params", "expected a list of parameter names (strings)")
     iterations = []
     for i, it in enumerate(r.get(doc, "iterations", "$", (list,), "a list of iterations")):
         p = f"$.iterations[{i}]"
@@ -294,6 +301,7 @@ def loads(text: str, file=None) -> Trace:
         parameters={k: tuple(v) for k, v in parameters.items()},
         model=r.get(doc, "model", "$", (str,), "the model class name", optional=True) or "",
         zero_params=None if zero_params is None else tuple(zero_params),
+        frozen_params=tuple(frozen),
     )
 
 

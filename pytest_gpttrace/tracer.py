@@ -216,6 +216,8 @@ class Capture:
         batch = self._batch
         if self.param_grads:
             for name, p in self.model.named_parameters():
+                if not p.requires_grad:
+                    continue  # frozen: no gradient by design (listed in the trace's frozen_params)
                 if p.grad is None:
                     batch.add_missing(("param_grads", name))
                 else:
@@ -264,6 +266,7 @@ class Capture:
             parameters={n: tuple(p.shape) for n, p in self.model.named_parameters()},
             model=type(self.model).__name__,
             zero_params=self.zero_params,
+            frozen_params=tuple(n for n, p in self.model.named_parameters() if not p.requires_grad),
         )
 
 

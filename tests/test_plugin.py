@@ -286,3 +286,83 @@ def test_unknown_allowed_rule_is_a_usage_error(project):
     result = run(project, "--gpt-trace")
     assert result.ret == 4
     result.stderr.fnmatch_lines(["*gpt_trace_allow: unknown rule stuck-los*"])
+
+
+UNSEEDED_USER_MODEL = """
+import pytest, torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+class Tiny(nn.Module):
+    # initialised from the global RNG, as most user models are; one parameter frozen
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(32, 8)
+        self.emb.weight.requires_grad_(False)
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 32)
+
+    def forward(self, idx, targets):
+        logits = self.head(torch.relu(self.fc(self.emb(idx))))
+        return F.cross_entropy(logits.view(-1, 32), targets.view(-1))
+
+@pytest.fixture
+def gpt_model():
+    return Tiny()
+
+@pytest.fixture
+def gpt_batches():
+    def draw():
+        while True:  # drawn from the global RNG inside the loop
+            idx = torch.randint(0, 32, (1, 8))
+            yield idx, torch.roll(idx, -1, 1)
+    return draw()
+"""
+
+
+def test_a_user_model_from_the_global_rng_matches_its_golden(pytester, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    pytester.makeconftest(UNSEEDED_USER_MODEL)
+    pytester.makepyfile(test_user="""
+import torch
+
+def test_user(gpt_trace, gpt_golden):
+    torch.rand(3)  # moves the global RNG: the next run must not depend on it
+    assert gpt_trace.frozen_params == ("emb.weight",)
+    assert "emb.weight" not in gpt_trace.iterations[0].param_grads
+    assert gpt_trace == gpt_golden
+""")
+    run(pytester, "--update-golden").assert_outcomes(passed=1)
+    result = run(pytester, "--gpt-trace")
+    result.assert_outcomes(passed=1)
+    result.stdout.no_fnmatch_line("*dead-gradient*")  # a frozen parameter is not a dead gradient
+
+
+def test_a_bad_marker_argument_fails_that_test_only(project):
+    project.makepyfile(test_model="""
+import pytest
+
+@pytest.mark.gpt_trace(iterations=1, allow=["stuck-los"])
+def test_typo(gpt_trace):
+    pass
+
+@pytest.mark.gpt_trace(iterations=1, thresholds={"no_such_threshold": 1})
+def test_bad_threshold(gpt_trace):
+    pass
+
+@pytest.mark.gpt_trace(iterations=1, seed="abc")
+def test_bad_seed(gpt_trace):
+    pass
+
+@pytest.mark.gpt_trace(iterations=1, allow=["stuck-loss", "zero-schedule"])
+def test_fine(gpt_trace):
+    pass
+""")
+    result = run(project, "--gpt-trace")
+    result.assert_outcomes(passed=1, errors=3)
+    result.stdout.fnmatch_lines([
+        "*test_typo*: @pytest.mark.gpt_trace: allow=: unknown rule 'stuck-los'; known: *",
+    ])
+    result.stdout.fnmatch_lines(["*test_bad_threshold*: @pytest.mark.gpt_trace: unknown threshold no_such_threshold*"])
+    result.stdout.fnmatch_lines(["*test_bad_seed*: @pytest.mark.gpt_trace(seed='abc'): expected an integer*"])
+    result.stdout.no_fnmatch_line("*Traceback*")

@@ -73,3 +73,13 @@ def test_malformed_files_name_the_file_the_path_and_what_was_expected(tmp_path, 
 def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(TraceFormatError, match="nope.json: no such file"):
         load(tmp_path / "nope.json")
+
+
+def test_frozen_params_round_trip_and_are_omitted_when_there_are_none():
+    trace = Trace(config={}, environment={}, iterations=(), frozen_params=("wte.weight",))
+    text = dumps(trace)
+    assert '"frozen_params": ["wte.weight"]' in text and loads(text).frozen_params == ("wte.weight",)
+    plain = dumps(Trace(config={}, environment={}, iterations=()))
+    assert "frozen_params" not in plain and loads(plain).frozen_params == ()
+    with pytest.raises(TraceFormatError, match=r"\$\.frozen_params: expected a list of parameter names"):
+        loads(text.replace('["wte.weight"]', '[1]'), "t.json")
