@@ -40,9 +40,9 @@ def cmd_run(args) -> int:
 
     from reference_model import GPT, GPTConfig, optimizers, synthetic_batches
 
-    from .traceio import write_trace
-    from .tracer import trace_training
     from . import markdown
+    from .traceio import check_writable, write_trace
+    from .tracer import trace_training
 
     try:
         config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.sequence_len)
@@ -50,6 +50,13 @@ def cmd_run(args) -> int:
         raise SystemExit(_usage_error(f"run: {exc}"))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(_usage_error(f"run: --device {args.device}: CUDA is not available on this machine"))
+    _check_device(args.device)
+    for option in ("json", "markdown"):
+        if getattr(args, option):
+            try:
+                check_writable(getattr(args, option), f"run: --{option}")
+            except OSError as exc:
+                raise SystemExit(_usage_error(exc.strerror))
     if args.threads:
         torch.set_num_threads(args.threads)
     model = GPT(config, seed=args.seed).to(args.device)
@@ -65,6 +72,21 @@ def cmd_run(args) -> int:
     if not args.json and not args.markdown:
         sys.stdout.write(markdown.render(trace, **options))
     return EXIT_OK
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise SystemExit(_usage_error(f"run: --device {name}: {exc}"))
+    if device.type == "meta":
+        raise SystemExit(_usage_error(f"run: --device {name}: meta tensors hold no values to take statistics of"))
+    try:
+        torch.ones(2, device=device).sum()
+    except Exception as exc:  # an unbuilt backend, a missing driver: say so in one line
+        raise SystemExit(_usage_error(f"run: --device {name}: this torch cannot use it ({exc})"))
 
 
 def cmd_show(args) -> int:
@@ -122,8 +144,8 @@ def cmd_diff(args) -> int:
     golden, obtained = read_trace(args.golden), read_trace(args.obtained)
     config_diff = check_same_config(golden, obtained)
     if config_diff:
-        print(f"the traces are of different model configs: {'; '.join(config_diff)}")
-        return EXIT_DIFFER
+        return _usage_error(f"diff: {args.golden} and {args.obtained} are traces of different model configs "
+                            f"({'; '.join(config_diff)}); compare traces of one config")
     result = compare(golden, obtained, profile)
     print("\n".join(render_comparison(result, golden_name=args.golden, obtained_name=None)))
     return EXIT_OK if result.ok else EXIT_DIFFER

@@ -6,6 +6,7 @@ content changes, so an unchanged golden keeps its mtime and makes no churn in gi
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -38,6 +39,30 @@ def render_trace(trace: Trace, fmt: str, **markdown_options) -> str:
     return markdown.render(trace, **markdown_options)
 
 
+def _mode_for(path: Path) -> int:
+    """The existing file's permissions, else what open() would give under the umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def check_writable(path, what: str) -> None:
+    """Fail early (before a long run) when a trace cannot be written to path."""
+    path = Path(path)
+    if path.is_dir():
+        raise OSError(errno.EISDIR, f"{what} {path}: is a folder; give a file path", str(path))
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OSError(errno.ENOTDIR, f"{what} {path}: {parent} is not a folder", str(path))
+    if not os.access(parent, os.W_OK):
+        raise OSError(errno.EACCES, f"{what} {path}: folder {parent} is not writable", str(path))
+
+
 def write_text_atomic(path, text: str) -> bool:
     """Write text to path atomically; returns False (and leaves the file alone) when unchanged."""
     path = Path(path)
@@ -51,6 +76,7 @@ def write_text_atomic(path, text: str) -> bool:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
+        os.chmod(tmp, _mode_for(path))  # mkstemp makes 0600; a golden is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -133,3 +133,37 @@ def test_bad_flags_are_usage_errors(capsys):
         main(["run", "--depth", "0"])
     assert info.value.code == 2
     assert "--depth" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "meta"], "--device meta: meta tensors hold no values"),
+    (["--device", "tpu"], "--device tpu: Expected one of cpu"),
+    (["--json", "."], "--json .: is a folder; give a file path"),
+    (["--markdown", "{tmp}/file.txt/report.md"], "/file.txt is not a folder"),
+])
+def test_run_refuses_bad_devices_and_output_paths_before_running(argv, message, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--depth", "1", "--vocab-size", "64", "--sequence-len", "8", *argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_diff_of_two_configs_is_an_input_error_naming_both_files(tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for path, depth in ((a, "1"), (b, "2")):
+        assert main(["run", "--depth", depth, "--vocab-size", "64", "--sequence-len", "8", "--iterations", "1",
+                     "--json", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["diff", str(a), str(b)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert f"{a} and {b} are traces of different model configs (" in err and "n_layer: golden 1, obtained 2" in err
+
+
+def test_written_traces_are_ordinary_files(tmp_path):
+    path = tmp_path / "t.json"
+    assert main(["run", "--depth", "1", "--vocab-size", "64", "--sequence-len", "8", "--iterations", "1",
+                 "--json", str(path)]) == 0
+    assert path.stat().st_mode & 0o044 == 0o044  # readable by others under the usual umask, not 0600
