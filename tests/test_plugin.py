@@ -136,11 +136,17 @@ def test_skipped_without_the_flag_with_a_reason(project):
     result.stdout.fnmatch_lines(["*run it with `pytest --gpt-trace`*"])
 
 
-def test_update_golden_is_refused_under_ci(project, monkeypatch):
-    monkeypatch.setenv("CI", "1")
+@pytest.mark.parametrize("value", ["1", "true"])
+def test_update_golden_is_refused_under_ci(project, monkeypatch, value):
+    monkeypatch.setenv("CI", value)
     result = run(project, "--update-golden")
     assert result.ret == 4
     result.stderr.fnmatch_lines(["*--update-golden is refused because CI is set*"])
+
+
+def test_update_golden_is_allowed_when_ci_says_false(project, monkeypatch):
+    monkeypatch.setenv("CI", "false")
+    run(project, "--update-golden").assert_outcomes(passed=1)
 
 
 def test_unknown_profile_is_a_usage_error(project):
