@@ -175,7 +175,7 @@ def run_depth(depth: int, args, device) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depths", type=int, nargs="+", default=[4, 8, 12])
-    p.add_argument("--pairs", type=int, default=7, help="timed (plain, traced) pairs per depth (default 7)")
+    p.add_argument("--pairs", type=int, default=9, help="timed (plain, traced) pairs per depth (default 9)")
     p.add_argument("--warmup", type=int, default=1, help="untimed (plain, traced) pairs first (default 1)")
     p.add_argument("--sequence-len", type=int, default=1024)
     p.add_argument("--vocab-size", type=int, default=65536)

@@ -193,12 +193,13 @@ class Comparison:
 
     @property
     def stages_differing(self) -> list[tuple[int, str, str]]:
-        seen = []
-        for m in self.mismatches:
-            key = (m.iteration, m.section, m.stage)
-            if key not in seen:
-                seen.append(key)
-        return seen
+        """(iteration, section, stage) of every mismatch, each once, in execution order."""
+        return list(dict.fromkeys((m.iteration, m.section, m.stage) for m in self.mismatches))
+
+    @property
+    def distinct_stages(self) -> list[tuple[str, str]]:
+        """(section, stage) that differ in any iteration, each once: what "N stages" counts."""
+        return list(dict.fromkeys((m.section, m.stage) for m in self.mismatches))
 
 
 def _close(golden, obtained, tol: Tolerance, golden_rms) -> tuple[bool, float]:

@@ -404,7 +404,18 @@ def _summary(item, trace, golden) -> dict:
     losses = [it.loss for it in trace.iterations if it.loss is not None]
     resid = [s.std for name, s in (trace.iterations[0].forward.items() if trace.iterations else [])
              if name.endswith("mlp_resid") and s.std is not None]
-    out_of_tol = len(golden.comparison.stages_differing) if golden and golden.comparison else 0
+    if golden is None or golden.path is None:
+        out_of_tol = "not compared"
+    elif golden.comparison is not None:
+        out_of_tol = f"{len(golden.comparison.distinct_stages)} out of tolerance"
+    elif golden.written:
+        out_of_tol = f"golden {golden.written}"
+    elif golden.error is not None:
+        out_of_tol = "golden malformed"
+    elif golden.failure:
+        out_of_tol = "golden missing" if not golden.path.exists() else "golden of another config"
+    else:
+        out_of_tol = "0 out of tolerance"
     return {
         "nodeid": item.nodeid,
         "stages": len(trace.stage_names),
@@ -453,7 +464,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         loss = f"loss {s['loss'][0]:.6f} -> {s['loss'][1]:.6f}" if s["loss"] else "no loss"
         golden = f"golden {s['golden']}" if s["golden"] else "no golden"
         tr.write_line(f"{s['nodeid']}: {s['stages']} stages, {s['iterations']} iterations, {loss}, "
-                      f"{s['out_of_tolerance']} out of tolerance, {golden}, "
+                      f"{s['out_of_tolerance']}, {golden}, "
                       f"{len(s.get('anomalies', ()))} warnings/errors, {s.get('infos', 0)} infos")
         for severity, rule, symptom, where in s.get("anomalies", ()):
             tr.write_line(f"    {severity} [{rule}] {symptom}" + (f" ({where})" if where and where not in symptom else ""))

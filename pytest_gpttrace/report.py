@@ -45,10 +45,11 @@ def render_comparison(comparison: Comparison, *, golden_name: str, obtained_name
     if comparison.ok:
         return [f"trace matches {golden_name} (profile {comparison.profile.name})"]
     first = comparison.first
-    n_stages = len(comparison.stages_differing)
+    n_stages, n_pairs = len(comparison.distinct_stages), len(comparison.stages_differing)
+    across = f" in {n_pairs} stage-iterations" if n_pairs != n_stages else ""
     lines = [
-        f"{n_stages} stage{'s' if n_stages != 1 else ''} out of tolerance (profile {comparison.profile.name}); "
-        f"first divergence: {first.where}, {first.stat}",
+        f"{n_stages} stage{'s' if n_stages != 1 else ''} out of tolerance{across} "
+        f"(profile {comparison.profile.name}); first divergence: {first.where}, {first.stat}",
         f"golden: {golden_name}",
     ]
     rows = [mismatch_row(m) for m in comparison.mismatches[:max_rows]]

@@ -141,3 +141,13 @@ def test_report_is_capped_and_ends_with_the_remedy():
     assert lines[0] == "30 stages out of tolerance (profile exact); first divergence: s0 (forward), iteration 0, std"
     assert "  (+10 more)" in lines  # 30 mismatches, 20 shown
     assert lines[-1] == "if the change is intended, accept it: pytest --gpt-trace --update-golden 'x'"
+
+
+def test_a_stage_that_differs_in_several_iterations_counts_once():
+    g = trace(it(0, forward={"a": S, "b": S}), it(1, forward={"a": S, "b": S}))
+    o = trace(it(0, forward={"a": replace_stats(S, std=2.0), "b": S}),
+              it(1, forward={"a": replace_stats(S, std=2.0), "b": S}))
+    result = compare(g, o)
+    assert result.distinct_stages == [("forward", "a")] and len(result.stages_differing) == 2
+    line = render_comparison(result, golden_name="g.json")[0]
+    assert line.startswith("1 stage out of tolerance in 2 stage-iterations (profile exact); first divergence: a (forward)")

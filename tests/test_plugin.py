@@ -282,7 +282,7 @@ def gpt_model(gpt_config):
     result = run(project, "--gpt-trace")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
-        "*stages out of tolerance (profile exact); first divergence: blocks.0.mlp.out (forward), iteration 0, nan*",
+        "*stages out of tolerance* (profile exact); first divergence: blocks.0.mlp.out (forward), iteration 0, nan*",
         "*anomal* in the trace: first NaN at blocks.0.mlp.out (forward), iteration 0*",
     ])
 
@@ -372,3 +372,11 @@ def test_fine(gpt_trace):
     result.stdout.fnmatch_lines(["*test_bad_threshold*: @pytest.mark.gpt_trace: unknown threshold no_such_threshold*"])
     result.stdout.fnmatch_lines(["*test_bad_seed*: @pytest.mark.gpt_trace(seed='abc'): expected an integer*"])
     result.stdout.no_fnmatch_line("*Traceback*")
+
+
+def test_summary_says_when_nothing_was_compared(project):
+    result = run(project, "--gpt-trace")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["test_model.py::test_model: 48 stages, 2 iterations, *, golden missing, golden golden/*"])
+    result = run(project, "--update-golden")
+    result.stdout.fnmatch_lines(["test_model.py::test_model: *, golden created, golden golden/*"])
