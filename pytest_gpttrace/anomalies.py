@@ -299,7 +299,14 @@ def zero_schedule(trace: Trace, th: Thresholds, stuck_head: bool) -> list[Anomal
                     f"projection has moved ({_fmt_names(others_moved, 3)})",
                     "the parameter is detached from the loss, so it stays zero and so does its output",
                     "follow the graph from the loss to this parameter; look for .detach(), .data or no_grad"))
-    return out
+    # infos describe each iteration; a warning or error is reported where it starts, not again each iteration
+    seen, kept = set(), []
+    for a in out:
+        key = (a.rule, a.stage, a.severity)
+        if a.severity == INFO or key not in seen:
+            seen.add(key)
+            kept.append(a)
+    return kept
 
 
 def _moved_before(trace, zero_init, param, i) -> bool:
@@ -443,13 +450,16 @@ def norm_invariant(trace: Trace, th: Thresholds) -> list[Anomaly]:
     out = []
     for i, it in enumerate(trace.iterations):
         for name, s in it.forward.items():
-            if not any(fnmatch.fnmatchcase(name, p) for p in NORM_PATTERNS) or not s.finite:
-                continue
+            if not any(fnmatch.fnmatchcase(name, p) for p in NORM_PATTERNS) or not s.finite or s.all_zero:
+                continue  # an all-zero input normalises to zero: the stage feeding it is the story
             rms = _rms(s)
             tol = th.norm_rms_tol * (10 if s.dtype in ("torch.bfloat16", "torch.float16") else 1)
-            if rms is not None and abs(rms - 1) > tol:
+            # rows that are exactly zero (padding, a zeroed position) stay zero: rms^2 = share of nonzero rows
+            expected = math.sqrt(max(0.0, 1.0 - (s.zero_frac or 0.0)))
+            if rms is not None and abs(rms - expected) > tol:
+                want = "1" if expected == 1.0 else f"{expected:.6f} (1 over its {1 - s.zero_frac:.1%} nonzero entries)"
                 out.append(Anomaly("norm-invariant", ERROR, i, name,
-                                   f"{name} has rms {rms:.6f}, not 1 (tolerance {tol:g})",
+                                   f"{name} has rms {rms:.6f}, not {want} (tolerance {tol:g})",
                                    "the norm does not normalise: replaced by an identity, normalising over the "
                                    "wrong dim, or carrying a learnable scale that moved", 
                                    f"check the norm that produces {name}: F.rms_norm(x, (x.size(-1),))"))

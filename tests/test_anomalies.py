@@ -249,3 +249,26 @@ def test_the_report_gets_an_anomalies_section(capsys):
     out = capsys.readouterr().out
     assert "ANOMALIES" in out and "`stuck-loss`" in out
     assert out.index("ANOMALIES") < out.index("TRAINING COMPLETE")
+
+
+def test_norm_invariant_allows_zero_rows_and_all_zero_inputs():
+    half_zero = replace_stats(S, rms=math.sqrt(0.5), zero_frac=0.5)  # half the rows zero (padding), others rms 1
+    all_zero = replace_stats(S, mean=0.0, std=0.0, min=0.0, max=0.0, rms=0.0, zero_frac=1.0)
+    assert ("norm-invariant", ERROR) not in rules(trace_of({"blocks.0.attn.norm": half_zero}))
+    assert ("norm-invariant", ERROR) not in rules(trace_of({"final_norm": all_zero}))
+    unnormalised = replace_stats(S, rms=3.0, zero_frac=0.5)
+    (err,) = [a for a in detect(trace_of({"final_norm": unnormalised})) if a.rule == "norm-invariant"]
+    assert "has rms 3.000000, not 0.707107 (1 over its 50.0% nonzero entries)" in err.symptom
+
+
+def test_a_zero_init_projection_left_out_of_the_optimizer_is_reported_once():
+    def no_c_proj(model):
+        head_and_embed = [model.wte.weight, model.lm_head.weight]
+        others = [p for n, p in model.blocks.named_parameters() if "attn.c_proj" not in n]
+        return [torch.optim.AdamW(head_and_embed + others, lr=1e-2)]
+
+    found = detect(traced(opt_fn=no_c_proj, iterations=4))
+    errs = errors(found)
+    assert errs and all(a.rule == "zero-schedule" for a in errs)
+    assert len({a.stage for a in errs}) == len(errs)  # each stuck projection once, not once per iteration
+    assert {a.stage for a in errs} == {"blocks.0.attn.out", "blocks.1.attn.out"}
