@@ -167,3 +167,19 @@ def test_written_traces_are_ordinary_files(tmp_path):
     assert main(["run", "--depth", "1", "--vocab-size", "64", "--sequence-len", "8", "--iterations", "1",
                  "--json", str(path)]) == 0
     assert path.stat().st_mode & 0o044 == 0o044  # readable by others under the usual umask, not 0600
+
+
+def test_a_trace_matches_its_markdown_conversion_both_ways(tmp_path, capsys):
+    js, md = tmp_path / "t.json", tmp_path / "t.md"
+    assert main(["run", "--depth", "1", "--vocab-size", "64", "--sequence-len", "16", "--iterations", "2",
+                 "--json", str(js)]) == 0
+    assert main(["convert", str(js), str(md)]) == 0
+    capsys.readouterr()
+    assert main(["diff", str(js), str(md)]) == 0, capsys.readouterr().out
+    assert main(["diff", str(md), str(js)]) == 0, capsys.readouterr().out
+    # and a real change still shows through the rounding
+    doc = json.loads(js.read_text())
+    doc["iterations"][0]["forward"]["blocks.0.attn.q"]["std"] *= 1.001
+    js.write_text(json.dumps(doc))
+    assert main(["diff", str(md), str(js)]) == 1
+    assert "first divergence: blocks.0.attn.q (forward), iteration 0, std" in capsys.readouterr().out
