@@ -169,6 +169,12 @@ def prepare(path: str | None = None, device: torch.device | str = "cpu") -> tupl
     if want == "eager":
         return "eager", None
     device = torch.device(device)
+    if _dynamo_disabled():
+        # the "compiled" function would run as plain Python: float64 copies of every tensor
+        reason = "torch.compile is disabled (TORCH_COMPILE_DISABLE=1)"
+        if want == "compiled":
+            raise CaptureError(f"{ENV_VAR}=compiled, but {reason}")
+        return "eager", reason
     reason = _COMPILED.probed.get(device)
     if device not in _COMPILED.probed:  # once per device and process
         probe = torch.linspace(-1.0, 1.0, FUSED_MIN_NUMEL, device=device)
@@ -191,6 +197,14 @@ def _agree(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     sa, sb = from_row(meta, a.cpu().tolist()), from_row(meta, b.cpu().tolist())
     return all(math.isclose(getattr(sa, k), getattr(sb, k), rel_tol=1e-5, abs_tol=1e-6)
                for k in ("mean", "std", "min", "max", "rms", "zero_frac", "nan", "inf"))
+
+
+def _dynamo_disabled() -> bool:
+    try:
+        import torch._dynamo.config as dynamo_config
+    except ImportError:  # a torch without dynamo
+        return True
+    return bool(dynamo_config.disable)
 
 
 def compiled_failures() -> dict[str, str]:

@@ -233,3 +233,12 @@ def test_without_a_cxx_compiler_the_trace_runs_eager(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     path, note = done.stdout.strip().splitlines()[-1].split(" | ")
     assert path == "eager" and note.startswith("torch.compile unavailable ("), done.stdout
+
+
+def test_a_disabled_torch_compile_means_eager(monkeypatch):
+    import torch._dynamo.config as dynamo_config
+
+    monkeypatch.setattr(dynamo_config, "disable", True)
+    assert stats.prepare("auto") == ("eager", "torch.compile is disabled (TORCH_COMPILE_DISABLE=1)")
+    with pytest.raises(CaptureError, match="GPTTRACE_STATS_PATH=compiled, but torch.compile is disabled"):
+        stats.prepare("compiled")
