@@ -23,6 +23,7 @@ when the capture starts, not inside the first step, and the trace's environment 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import platform
@@ -210,6 +211,19 @@ class Capture:
             h.remove()
         self._handles, self._tensor_handles = [], []
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Steps inside this block are not traced: the hooks stay registered and return at once.
+        Use it between iterations (to trace every k-th step of a long run, say)."""
+        if len(self._batch) or self._seen:
+            raise CaptureError("paused() inside an iteration: call end_iteration() first")
+        was, self._active = self._active, False
+        try:
+            yield self
+        finally:
+            self._active = was
+            self._reset()
+
     def end_iteration(self, loss: torch.Tensor | float | None = None, stepped: bool | None = None,
                       lr: dict | None = None) -> Iteration:
         """Close the current iteration: record parameter gradients, copy to the host once."""
@@ -250,7 +264,8 @@ class Capture:
         self._reset()
         return it
 
-    def _note(self) -> str | None:
+    def path_note(self) -> str | None:
+        """Why statistics ran (partly) eager: the fallback reason, or the dtypes that failed to compile."""
         if self.stats_path != "compiled":
             return self.stats_note
         failed = _stats.compiled_failures()
@@ -261,7 +276,7 @@ class Capture:
     def trace(self) -> Trace:
         return Trace(
             config=model_config(self.model),
-            environment=environment(self.model, self.stats_path, self._note()),
+            environment=environment(self.model, self.stats_path, self.path_note()),
             iterations=tuple(self.iterations),
             parameters={n: tuple(p.shape) for n, p in self.model.named_parameters()},
             model=type(self.model).__name__,
