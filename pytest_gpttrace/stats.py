@@ -31,6 +31,7 @@ import math
 import os
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -276,12 +277,24 @@ class StatsBatch:
         self._items: list[tuple[Any, TensorMeta | None, torch.Tensor | None]] = []
         self._scalars: list[tuple[Any, torch.Tensor]] = []
         self._vectors: list[tuple[Any, torch.Tensor]] = []
+        # the same tensor object seen twice (a tap on a block's input is the previous block's output,
+        # and its gradient is one tensor too): id -> (weak reference, version, vector)
+        self._seen: dict[int, tuple[weakref.ref, int, torch.Tensor | None]] = {}
 
     def __len__(self):
         return len(self._items)
 
     def add(self, key, x: torch.Tensor) -> None:
-        self._items.append((key, TensorMeta.of(x), stats_vector(x, self.path)))
+        hit = self._seen.get(id(x))
+        if hit is not None and hit[0]() is x and hit[1] == x._version:
+            vector = hit[2]
+        else:
+            vector = stats_vector(x, self.path)
+            try:
+                self._seen[id(x)] = (weakref.ref(x), x._version, vector)
+            except TypeError:  # a tensor type without weak references: no reuse
+                pass
+        self._items.append((key, TensorMeta.of(x), vector))
 
     def add_missing(self, key) -> None:
         """A slot for a tensor that does not exist (a parameter without a gradient)."""
@@ -328,7 +341,7 @@ class StatsBatch:
         for key, _ in self._vectors:
             extra[key] = host[k]
             k += 1
-        self._items, self._scalars, self._vectors = [], [], []
+        self._items, self._scalars, self._vectors, self._seen = [], [], [], {}
         return out, extra
 
 

@@ -99,3 +99,22 @@ def test_stats_vector_stays_on_the_device_and_is_detached():
     x = torch.randn(5, requires_grad=True)
     v = stats_vector(x * 2)
     assert v.device == x.device and not v.requires_grad and v.dtype == torch.float64
+
+
+def test_the_same_tensor_twice_is_summarised_once_unless_modified(monkeypatch):
+    from pytest_gpttrace import stats
+
+    calls = []
+    real = stats.stats_vector
+    monkeypatch.setattr(stats, "stats_vector", lambda x, path="eager": calls.append(1) or real(x, path))
+    batch = StatsBatch()
+    x = torch.arange(6.0)
+    batch.add("a", x)
+    batch.add("a_again", x)  # a tap whose output is another tap's output
+    batch.add("a_view", x.view(2, 3))  # another tensor object: summarised on its own
+    x.mul_(2)  # modified in place: the version changed
+    batch.add("a_doubled", x)
+    rows = dict(batch.finish()[0])
+    assert len(calls) == 3
+    assert rows["a"].mean == rows["a_again"].mean == rows["a_view"].mean == 2.5
+    assert rows["a_doubled"].mean == 5.0 and rows["a_view"].shape == (2, 3)
