@@ -13,7 +13,9 @@ registered and return at once, as in a loop that traces every k-th step.
 
 Printed per depth: the median of the per-pair ratios traced/plain and their spread (min-max), the
 median step times, the peak memory of each kind of step and their ratio, and the statistics path
-in use. Peak memory is the process's peak resident set during the step (Linux: reset through
+in use; then two figures that steady the picture on a noisy machine: the ratio of the best traced
+step to the best plain step, and the time the capture itself spends per step (its hooks and
+end_iteration, measured inside the traced step) as a share of the plain step. Peak memory is the process's peak resident set during the step (Linux: reset through
 /proc/self/clear_refs before each step), or the peak allocated device memory on CUDA.
 
 The last line is machine-readable:
@@ -110,6 +112,7 @@ def make_run(depth: int, args, device: torch.device):
             note = cap.path_note()
             state["path"] = cap.stats_path + (f" ({note})" if note else "")
             state["stats"] = len(it.forward) + len(it.stage_grads) + len(it.param_grads)
+            state.setdefault("direct", []).append(cap.last_overhead_s)
             cap.iterations.clear()  # statistics are not what is measured here: do not accumulate them
         else:
             with cap.paused():  # the hooks stay registered and return at once
@@ -144,6 +147,7 @@ def run_depth(depth: int, args, device) -> dict:
     print(f"  warm-up: {args.warmup} plain + {args.warmup} traced steps in {time.perf_counter() - t0:.1f} s "
           f"(includes compiling the statistics kernel on first use)", flush=True)
     plain, traced, ratios, mem_plain, mem_traced = [], [], [], [], []
+    state["direct"] = []
     for i in range(args.pairs):
         order = (False, True) if i % 2 == 0 else (True, False)
         got = {}
@@ -169,6 +173,8 @@ def run_depth(depth: int, args, device) -> dict:
         "mem_traced": max(mem_traced) if mem_traced else None,
     }
     result["mem_ratio"] = (result["mem_traced"] / result["mem_plain"]) if mem_plain else None
+    result["best"] = min(traced) / min(plain)
+    result["direct_s"] = statistics.median(state["direct"])
     mem = ("peak memory n/a" if result["mem_ratio"] is None else
            f"peak memory plain {result['mem_plain'] / 2**20:.0f} MiB, traced {result['mem_traced'] / 2**20:.0f} MiB, "
            f"ratio {result['mem_ratio']:.3f}")
@@ -176,6 +182,10 @@ def run_depth(depth: int, args, device) -> dict:
           f"{result['spread'][0]:.3f}-{result['spread'][1]:.3f}); step plain {result['plain_s']:.3f} s, "
           f"traced {result['traced_s']:.3f} s; {mem}; {result['stats']} tensors summarised per step; "
           f"statistics path: {result['path']}", flush=True)
+    print(f"  depth {depth}: best traced / best plain {result['best']:.3f}; time inside the capture's hooks and "
+          f"end_iteration {result['direct_s'] * 1e3:.0f} ms per step = "
+          f"{result['direct_s'] / result['plain_s']:.1%} of the plain step (median; not subject to the "
+          f"machine's step-to-step noise)", flush=True)
     state["capture"].__exit__(None, None, None)
     del model, step, state
     gc.collect()

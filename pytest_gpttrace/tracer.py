@@ -28,6 +28,7 @@ import dataclasses
 import fnmatch
 import platform
 import sys
+import time
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -136,12 +137,14 @@ class Capture:
         self.iterations: list[Iteration] = []
         self.zero_params: tuple[str, ...] | None = None
         self._zero_counts: torch.Tensor | None = None
+        self.last_overhead_s: float | None = None  # host seconds the capture added to the last iteration
         self._handles: list = []
         self._tensor_handles: list = []
         self._active = False
         self._reset()
 
     def _reset(self):
+        self._hook_seconds = 0.0
         self._batch = StatsBatch(self.stats_path)
         self._seen: dict[str, int] = {}
         self._grad_seen: dict[str, int] = {}
@@ -156,18 +159,22 @@ class Capture:
         def hook(module, args, output):
             if not self._active:
                 return None
+            start = time.perf_counter()
             for suffix, t in _tensors(output):
                 stage = self._unique(name + suffix, self._seen)
                 self._batch.add(("forward", stage), t)
                 if self.grads and t.requires_grad:
                     self._tensor_handles.append(t.register_hook(self._grad_hook(stage)))
+            self._hook_seconds += time.perf_counter() - start
             return None
         return hook
 
     def _grad_hook(self, stage: str):
         def hook(grad):
             if self._active:
+                start = time.perf_counter()
                 self._batch.add(("stage_grads", self._unique(stage, self._grad_seen)), grad)
+                self._hook_seconds += time.perf_counter() - start
             return None
         return hook
 
@@ -189,6 +196,9 @@ class Capture:
         self.zero_params = tuple(name for (name, p), n in zip(params, counts) if n == 0 and p.numel())
 
     def __enter__(self) -> "Capture":
+        if self._handles:
+            raise CaptureError("this capture is already active: enter it once (nested `with cap:` would "
+                               "record every stage twice)")
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self.stats_path, self.stats_note = _stats.prepare(self.requested_path, device)
         self._reset()
@@ -211,6 +221,13 @@ class Capture:
             h.remove()
         self._handles, self._tensor_handles = [], []
 
+    def discard_iteration(self) -> None:
+        """Drop what the current iteration has recorded so far (a step that raised and was skipped)."""
+        for h in self._tensor_handles:
+            h.remove()
+        self._tensor_handles = []
+        self._reset()
+
     @contextlib.contextmanager
     def paused(self):
         """Steps inside this block are not traced: the hooks stay registered and return at once.
@@ -227,6 +244,7 @@ class Capture:
     def end_iteration(self, loss: torch.Tensor | float | None = None, stepped: bool | None = None,
                       lr: dict | None = None) -> Iteration:
         """Close the current iteration: record parameter gradients, copy to the host once."""
+        start = time.perf_counter()
         batch = self._batch
         if self.param_grads:
             for name, p in self.model.named_parameters():
@@ -261,6 +279,9 @@ class Capture:
         for h in self._tensor_handles:
             h.remove()
         self._tensor_handles = []
+        # host time the capture added to this iteration: its hooks and this call (on a GPU, hooks
+        # only launch kernels, so this is the launch cost, not the kernels' device time)
+        self.last_overhead_s = self._hook_seconds + (time.perf_counter() - start)
         self._reset()
         return it
 
