@@ -20,9 +20,9 @@ Two paths compute the same raw vector (``FIELDS``):
 
 Accuracy. The fused kernel sums d = x - c and d^2 in float64, with c the tensor's first element
 (the shifted-data algorithm): the variance does not cancel when the mean is large against the
-spread, and an all-equal tensor has a variance of exactly 0. The eager path makes two passes:
-the mean (a float32 pairwise sum), then the sums of d and d^2 with c that mean, the classic
-two-pass algorithm, accurate in float32. Counts are exact on both.
+spread, and an all-equal tensor has a variance of exactly 0. The eager path shifts by the mean of
+the first chunk, scales d by a power of two (so float32 squares cannot overflow), and adds chunks'
+pairwise float32 sums in float64. Counts are exact on both.
 """
 
 from __future__ import annotations
@@ -85,26 +85,32 @@ def _fused(x: torch.Tensor) -> torch.Tensor:
 
 def _eager(x: torch.Tensor) -> torch.Tensor:
     """The same reductions with plain torch kernels, in chunks: no temporary is larger than
-    ``_CHUNK`` float64 values (but for the copy that flattens a strided tensor)."""
+    ``_CHUNK`` values (but for the copy that flattens a strided tensor)."""
     if x.is_complex():
         x = torch.view_as_real(x)  # statistics over the real and imaginary parts
     if not x.is_floating_point():
         x = x.to(torch.float64)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     flat = x.reshape(-1)
     n = flat.numel()
+    lo, hi = torch.aminmax(flat)
     # the shift: the mean of the first chunk, close enough to the mean that d = x - c does not cancel
-    c = flat[:_CHUNK].to(torch.float64).mean()
+    c = flat[:_CHUNK].to(acc).mean()
     c = torch.where(c.abs() < math.inf, c, torch.zeros_like(c))
+    # d is scaled by a power of two (exact) so that its float32 squares cannot overflow
+    big = torch.maximum(lo.abs(), hi.abs()).to(acc)
+    big = torch.where((big < math.inf) & (big > 0), big, torch.ones_like(big))
+    scale = torch.exp2(torch.ceil(torch.log2(big)).clamp(-126, 126))  # finite in float32
     s1 = s2 = nan = inf = torch.zeros((), dtype=torch.float64, device=x.device)
     for start in range(0, n, _CHUNK):
         chunk = flat[start:start + _CHUNK]
-        d = chunk.to(torch.float64) - c  # float64: squares of large float32 values stay finite
-        s1 = s1 + torch.sum(d)
-        s2 = s2 + torch.sum(d * d)
+        d = (chunk.to(acc) - c) / scale
+        s1 = s1 + torch.sum(d).to(torch.float64)
+        s2 = s2 + torch.sum(d * d).to(torch.float64)  # pairwise float32 sums, added up in float64
         nan = nan + torch.count_nonzero(chunk != chunk)
         inf = inf + torch.count_nonzero(chunk.abs() == math.inf)
-    lo, hi = torch.aminmax(flat)
-    parts = (c, s1, s2, lo, hi, n - torch.count_nonzero(flat), nan, inf)
+    scale64 = scale.to(torch.float64)
+    parts = (c, s1 * scale64, s2 * scale64 * scale64, lo, hi, n - torch.count_nonzero(flat), nan, inf)
     return torch.stack([p.to(torch.float64) for p in parts])
 
 
