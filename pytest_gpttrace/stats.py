@@ -213,7 +213,10 @@ def _dynamo_disabled() -> bool:
         import torch._dynamo.config as dynamo_config
     except ImportError:  # a torch without dynamo
         return True
-    return bool(dynamo_config.disable)
+    try:
+        return bool(dynamo_config.disable)
+    except AttributeError:  # a torch without this switch
+        return False
 
 
 def compiled_failures() -> dict[str, str]:

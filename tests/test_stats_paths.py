@@ -238,13 +238,14 @@ def test_without_a_cxx_compiler_the_trace_runs_eager(tmp_path):
     assert path == "eager" and note.startswith("torch.compile unavailable ("), done.stdout
 
 
-def test_a_disabled_torch_compile_means_eager(monkeypatch):
+def test_a_disabled_torch_compile_means_eager():
     import torch._dynamo.config as dynamo_config
 
-    monkeypatch.setattr(dynamo_config, "disable", True)
-    assert stats.prepare("auto") == ("eager", "torch.compile is disabled (TORCH_COMPILE_DISABLE=1)")
-    with pytest.raises(CaptureError, match="GPTTRACE_STATS_PATH=compiled, but torch.compile is disabled"):
-        stats.prepare("compiled")
+    with dynamo_config.patch(disable=True):  # what TORCH_COMPILE_DISABLE=1 sets
+        assert stats.prepare("auto") == ("eager", "torch.compile is disabled (TORCH_COMPILE_DISABLE=1)")
+        with pytest.raises(CaptureError, match="GPTTRACE_STATS_PATH=compiled, but torch.compile is disabled"):
+            stats.prepare("compiled")
+    assert stats.prepare("auto")[0] == "compiled"
 
 
 def test_complex_tensors_are_summarised_over_real_and_imaginary_parts():
