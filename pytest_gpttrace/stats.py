@@ -123,6 +123,7 @@ class _Compiled:
         self._lock = threading.Lock()
         self.failures: dict[tuple[str, torch.dtype], str] = {}  # (device type, dtype) -> why
         self.probed: dict[torch.device, str | None] = {}  # device -> why the probe failed, or None
+        self._built: set[tuple[str, torch.dtype]] = set()  # (device type, dtype) compiled already
 
     def function(self):
         with self._lock:
@@ -136,11 +137,16 @@ class _Compiled:
         if key in self.failures:
             return None
         try:
+            if key in self._built:
+                return self.function()(x)
             # torch's compiler stack emits its own deprecation warnings while it builds a kernel;
-            # under a test run's filterwarnings=error they would turn into a failed compile
+            # under a test run's filterwarnings=error they would turn into a failed compile. Only
+            # the first call per device and dtype compiles, so only it silences warnings.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return self.function()(x)
+                out = self.function()(x)
+            self._built.add(key)
+            return out
         except Exception as exc:  # no C++ compiler, an inductor limitation: eager is always correct
             self.failures[key] = f"{type(exc).__name__}: {_first_line(exc)}"
             return None
