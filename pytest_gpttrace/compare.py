@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
+from .markdown import HALF_ULP
 from .trace import TensorStats, Trace
 
 STATS = ("mean", "std", "min", "max", "rms", "zero_frac")
@@ -222,10 +223,6 @@ def _scale(s: TensorStats) -> float | None:
     return None
 
 
-# A Markdown report prints statistics as %.6f: half a unit of the last digit is lost on the way.
-MARKDOWN_QUANTUM = 5e-7
-
-
 def compare_stats(iteration: int, section: str, stage: str, g: TensorStats | None, o: TensorStats | None,
                   profile: Profile, *, quantum: float = 0.0, partial_obtained: bool = False) -> list[Mismatch]:
     """Mismatches of one stage. quantum: rounding of either side (a Markdown report) added to every
@@ -271,7 +268,7 @@ def compare(golden: Trace, obtained: Trace, profile: Profile = EXACT) -> Compari
     mismatches: list[Mismatch] = []
     partial = golden.environment.get("source") == "markdown"
     partial_obtained = obtained.environment.get("source") == "markdown"
-    quantum = MARKDOWN_QUANTUM if (partial or partial_obtained) else 0.0
+    quantum = HALF_ULP if (partial or partial_obtained) else 0.0  # a report's %.6f rounding
     n = max(len(golden.iterations), len(obtained.iterations))
     for i in range(n):
         if i >= len(golden.iterations) or i >= len(obtained.iterations):

@@ -674,7 +674,7 @@ _BODY_CONFIG = (
 )
 _SKIPPED_SECTIONS = (SCALING, ANOMALIES, COMPLETE)
 _STEP_BY_NOTE = {v: k for k, v in STEP_NOTES.items()}
-_HALF_ULP = 5e-7  # half a unit in the last printed place of %.6f
+HALF_ULP = 5e-7  # half a unit in the last printed place of %.6f: what a report's rounding loses
 
 
 def _reconcile(candidates) -> float | None:
@@ -709,13 +709,13 @@ class _Stats:
 
     def set(self, field: str, value):
         if field == "rms":
-            self.rms.append((value, _HALF_ULP))
+            self.rms.append((value, HALF_ULP))
         elif field == "zero_frac":
-            self.zero.append((value, _HALF_ULP))
+            self.zero.append((value, HALF_ULP))
         elif field == "l2":
             if value is not None and self.numel:
                 root = math.sqrt(self.numel)
-                self.rms.append((value / root, _HALF_ULP / root))
+                self.rms.append((value / root, HALF_ULP / root))
         elif field == "nonfinite":
             self.nonfinite = self.nonfinite or value
         elif self.values.get(field) is None:

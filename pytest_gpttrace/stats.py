@@ -42,14 +42,12 @@ from .trace import TensorStats
 
 # The raw vector: mean = shift + sum/n, population variance = sumsq/n - (sum/n)^2.
 FIELDS = ("shift", "sum", "sumsq", "min", "max", "zeros", "nan", "inf")
-_N = len(FIELDS)
 
 PATHS = ("auto", "compiled", "eager")
 ENV_VAR = "GPTTRACE_STATS_PATH"
 FUSED_MIN_NUMEL = 16384  # below this the eager kernels are cheaper than a compiled call
 _MAX_INT32 = 2**31 - 1
 _CHUNK = 1 << 22  # elements per step of the eager path's second pass
-_HALF = (torch.float16, torch.bfloat16)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -292,8 +290,7 @@ class StatsBatch:
     def __init__(self, path: str = "eager"):
         self.path = path
         self._items: list[tuple[Any, TensorMeta | None, torch.Tensor | None]] = []
-        self._scalars: list[tuple[Any, torch.Tensor]] = []
-        self._vectors: list[tuple[Any, torch.Tensor]] = []
+        self._extras: list[tuple[Any, torch.Tensor, bool]] = []  # (key, float64 values, read as a scalar)
         # the same tensor object seen twice (a tap on a block's input is the previous block's output,
         # and its gradient is one tensor too): id -> (weak reference, version, vector)
         self._seen: dict[int, tuple[weakref.ref, int, torch.Tensor | None]] = {}
@@ -321,18 +318,17 @@ class StatsBatch:
 
     def add_scalar(self, key, x: torch.Tensor) -> None:
         """A scalar read back with the batch (the loss), as a float."""
-        self._scalars.append((key, x.detach().reshape(()).to(torch.float64)))
+        self._extras.append((key, x.detach().reshape(1).to(torch.float64), True))
 
     def add_values(self, key, values: torch.Tensor) -> None:
         """A 1-D tensor of values read back with the batch, as a list of floats."""
-        self._vectors.append((key, values.detach().reshape(-1).to(torch.float64)))
+        self._extras.append((key, values.detach().reshape(-1).to(torch.float64), False))
 
     def finish(self) -> tuple[list[tuple[Any, TensorStats | None]], dict[Any, Any]]:
         """One host copy per device. Returns [(key, TensorStats or None)] in the order added, and
         a dict of the scalars (floats) and value vectors (lists of floats)."""
         flat: list[torch.Tensor] = [v for _, _, v in self._items if v is not None]
-        flat += [s.reshape(1) for _, s in self._scalars]
-        flat += [v for _, v in self._vectors]
+        flat += [v for _, v, _ in self._extras]
         sizes = [v.numel() for v in flat]
         host: list[list[float]] = [[] for _ in flat]
         by_device: dict[torch.device, list[int]] = {}
@@ -354,13 +350,9 @@ class StatsBatch:
                 out.append((key, from_row(meta, host[k])))
                 k += 1
         extra: dict[Any, Any] = {}
-        for key, _ in self._scalars:
-            extra[key] = host[k][0]
-            k += 1
-        for key, _ in self._vectors:
-            extra[key] = host[k]
-            k += 1
-        self._items, self._scalars, self._vectors, self._seen = [], [], [], {}
+        for j, (key, _, scalar) in enumerate(self._extras):
+            extra[key] = host[k + j][0] if scalar else host[k + j]
+        self._items, self._extras, self._seen = [], [], {}
         return out, extra
 
 

@@ -137,6 +137,7 @@ class Capture:
         self.iterations: list[Iteration] = []
         self.zero_params: tuple[str, ...] | None = None
         self._zero_counts: torch.Tensor | None = None
+        self._zero_names: list[str] = []
         self.last_overhead_s: float | None = None  # host seconds the capture added to the last iteration
         self._handles: list = []
         self._tensor_handles: list = []
@@ -182,7 +183,8 @@ class Capture:
     def _count_nonzero_params(self) -> None:
         """Count each parameter's non-zero entries now, before any step (zero-init choices); the
         counts travel to the host with the first iteration's statistics."""
-        params = list(self.model.named_parameters())
+        params = [(name, p) for name, p in self.model.named_parameters() if p.numel()]
+        self._zero_names = [name for name, _ in params]
         self._zero_counts = None
         if not params:
             self.zero_params = ()
@@ -192,8 +194,7 @@ class Capture:
             self._zero_counts = torch.stack([torch.count_nonzero(p.detach()).to(device) for _, p in params])
 
     def _read_zero_params(self, counts) -> None:
-        params = list(self.model.named_parameters())
-        self.zero_params = tuple(name for (name, p), n in zip(params, counts) if n == 0 and p.numel())
+        self.zero_params = tuple(name for name, n in zip(self._zero_names, counts) if n == 0)
 
     def __enter__(self) -> "Capture":
         if self._handles:
