@@ -133,12 +133,14 @@ def cmd_check(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    from .compare import check_same_config, compare, get_profile, overrides_from_lines
+    from .compare import AUTO, check_same_config, compare, get_profile, overrides_from_lines, resolve_profile
     from .report import render_comparison
     from .traceio import read_trace
 
     try:
-        profile = get_profile(args.profile).with_overrides(overrides_from_lines(args.tolerance or []))
+        overrides = overrides_from_lines(args.tolerance or [])
+        if args.profile != AUTO:
+            get_profile(args.profile)
     except ValueError as exc:
         raise SystemExit(_usage_error(f"diff: {exc}"))
     golden, obtained = read_trace(args.golden), read_trace(args.obtained)
@@ -146,9 +148,26 @@ def cmd_diff(args) -> int:
     if config_diff:
         return _usage_error(f"diff: {args.golden} and {args.obtained} are traces of different model configs "
                             f"({'; '.join(config_diff)}); compare traces of one config")
+    try:
+        profile = resolve_profile(args.profile, golden, overrides)
+    except ValueError as exc:
+        return _usage_error(f"diff: {args.golden}: {exc}")
     result = compare(golden, obtained, profile)
-    print("\n".join(render_comparison(result, golden_name=args.golden, obtained_name=None)))
+    lines = render_comparison(result, golden_name=args.golden, obtained_name=None,
+                              max_rows=args.max_rows if args.max_rows > 0 else len(result.mismatches))
+    print("\n".join(lines))
     return EXIT_OK if result.ok else EXIT_DIFFER
+
+
+def cmd_calibrate(args) -> int:
+    """Record each test's golden again with a freshly measured band: pytest --gpt-trace-recalibrate."""
+    import subprocess
+
+    command = [sys.executable, "-m", "pytest", *args.tests, "--gpt-trace-recalibrate", "-p", "no:cacheprovider"]
+    if args.dithers is not None:
+        command += ["-o", f"gpt_trace_dithers={args.dithers}"]
+    print("$ " + " ".join(command[2:]), flush=True)
+    return subprocess.call(command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,10 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Compare OBTAINED with GOLDEN (either JSON or Markdown); exit 1 when they differ.")
     diff.add_argument("golden", help="the expected trace")
     diff.add_argument("obtained", help="the trace to check")
-    diff.add_argument("--profile", default="exact", help="tolerance profile: exact (default) or statistical")
+    diff.add_argument("--profile", default="auto",
+                      help="tolerance profile: auto (default: calibrated when GOLDEN has a noise band, else exact), "
+                           "calibrated, exact or statistical")
+    diff.add_argument("--max-rows", type=int, default=0, help="rows of the table (default 0: every mismatch)")
     diff.add_argument("--tolerance", action="append", metavar="LINE",
                       help="override, repeatable: 'STAGE_GLOB STAT_GLOB atol=X rtol=Y' or 'STAGE_GLOB STAT_GLOB skip'")
     diff.set_defaults(func=cmd_diff)
+
+    calibrate = sub.add_parser(
+        "calibrate", help="record goldens again with a measured noise band",
+        description="Replay each test under platform variants (ISA caps, thread count, dithered kernels) and "
+                    "write its golden with the band: pytest TESTS --gpt-trace-recalibrate.")
+    calibrate.add_argument("tests", nargs="+", metavar="TEST", help="pytest node ids or files")
+    calibrate.add_argument("--dithers", type=int, default=None, help="dithered replays per test (default 2)")
+    calibrate.set_defaults(func=cmd_calibrate)
 
     check = sub.add_parser("check", help="report anomalies with diagnoses (exit 1 on any error)",
                            description="Run the anomaly rules over a trace (JSON or Markdown).")

@@ -2,8 +2,10 @@
 
 ``GoldenTrace`` stands for one test's golden file. ``trace == golden`` compares (or, in update
 mode, writes the golden when it is missing or no longer matches, so an unchanged golden is never
-rewritten) and keeps what a failure report needs. Nothing here imports pytest: the plugin turns
-``failure_lines()`` into the assertion message.
+rewritten; the written golden carries its calibration band when a calibrator is given) and keeps
+what a failure report needs. In a calibration replay it only writes the obtained trace where the
+replay asked. Nothing here imports pytest: the plugin turns ``failure_lines()`` into the assertion
+message.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from .compare import Comparison, Profile, check_same_config, compare
+from .compare import Comparison, Override, check_same_config, compare, resolve_profile
 from .errors import GptTraceError
 from .trace import Trace, dumps, load
 from .traceio import write_text_atomic
@@ -52,15 +55,21 @@ class GoldenTrace:
     golden_dir: Path
     results_dir: Path
     rootdir: Path
-    profile: Profile
+    profile_name: str | None = None  # None or "auto": calibrated for a calibrated golden, else exact
+    overrides: tuple[Override, ...] = ()
     update: bool = False
+    recalibrate: bool = False  # update mode: calibrate and rewrite even a matching golden
+    calibrator: Callable[[Trace], Trace] | None = None  # obtained -> obtained with its band
+    replay_out: Path | None = None  # a calibration replay: write the obtained trace here, compare nothing
     command: str = "pytest --gpt-trace"
     # filled by the comparison
     path: Path | None = None
     comparison: Comparison | None = None
     failure: list[str] | None = None
     obtained_path: Path | None = None
-    written: str | None = None  # "created" | "updated" when update mode wrote the file
+    written: str | None = None  # "created" | "updated" | "recalibrated" when update mode wrote the file
+    drift: list[str] | None = None  # update mode: how far the old golden lay from the new run
+    calibration_note: str | None = None  # update mode: what the written band is made of
     error: GptTraceError | None = None
     obtained: Trace | None = field(default=None, repr=False)
 
@@ -92,10 +101,16 @@ class GoldenTrace:
 
     __hash__ = None
 
+    def _compare(self, golden: Trace, obtained: Trace) -> Comparison:
+        return compare(golden, obtained, resolve_profile(self.profile_name, golden, self.overrides))
+
     def matches(self, obtained: Trace) -> bool:
         self.obtained = obtained
         self.path = self.path_for(obtained)
         self.failure = None
+        if self.replay_out is not None:
+            write_text_atomic(self.replay_out, dumps(obtained))
+            return True
         golden = None
         if self.path.exists():
             try:
@@ -103,13 +118,7 @@ class GoldenTrace:
             except GptTraceError as exc:
                 self.error = exc
         if self.update:
-            if golden is not None and not check_same_config(golden, obtained) \
-                    and compare(golden, obtained, self.profile).ok:
-                return True  # unchanged within tolerance: no rewrite, no churn
-            existed = self.path.exists()
-            write_text_atomic(self.path, dumps(obtained))
-            self.written = "updated" if existed else "created"
-            return True
+            return self._update(golden, obtained)
         if golden is None:
             self.obtained_path = self._write_obtained(obtained)
             if self.error is not None:
@@ -136,7 +145,13 @@ class GoldenTrace:
                 f"if the config change is intended: {self.update_command}",
             ]
             return False
-        self.comparison = compare(golden, obtained, self.profile)
+        try:
+            self.comparison = self._compare(golden, obtained)
+        except ValueError as exc:
+            self.obtained_path = self._write_obtained(obtained)
+            self.failure = [f"golden trace {self.display(self.path)} cannot be compared: {exc}",
+                            f"obtained trace written to {self.display(self.obtained_path)}"]
+            return False
         if self.comparison.ok:
             return True
         self.obtained_path = self._write_obtained(obtained)
@@ -150,6 +165,38 @@ class GoldenTrace:
         )
         return False
 
+    def _update(self, golden: Trace | None, obtained: Trace) -> bool:
+        comparable = golden is not None and not check_same_config(golden, obtained)
+        comparison = None
+        if comparable:
+            try:
+                comparison = self._compare(golden, obtained)
+            except ValueError:
+                comparison = None  # calibrated asked of an uncalibrated golden: rewrite it calibrated
+        if comparison is not None and comparison.ok and not self.recalibrate:
+            self.comparison = comparison
+            return True  # unchanged within tolerance: no rewrite, no churn
+        if comparison is not None and not comparison.ok:
+            from .report import render_drift
+
+            self.drift = render_drift(comparison)
+        new = self.calibrator(obtained) if self.calibrator is not None else obtained
+        if new.calibration is not None:
+            from .calibrate import summary
+
+            self.calibration_note = summary(new.calibration) + (
+                f", {new.calibration['seconds']} s" if "seconds" in new.calibration else "")
+        existed = self.path.exists()
+        text = dumps(new)
+        if existed and _read_or_none(self.path) == text:
+            return True  # byte for byte what is there: nothing to write
+        write_text_atomic(self.path, text)
+        if not existed:
+            self.written = "created"
+        else:
+            self.written = "recalibrated" if comparison is not None and comparison.ok else "updated"
+        return True
+
     def _write_obtained(self, obtained: Trace) -> Path:
         path = self.results_dir / golden_relpath(self.nodeid, str(obtained.environment.get("device_type", "cpu")))
         write_text_atomic(path, dumps(obtained))
@@ -157,3 +204,10 @@ class GoldenTrace:
 
     def failure_lines(self) -> list[str]:
         return list(self.failure or ["the trace matches its golden"])
+
+
+def _read_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None

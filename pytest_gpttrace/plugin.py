@@ -30,6 +30,10 @@ class _Settings:
     profile: str
     tolerances: list
     iterations: int
+    recalibrate: bool
+    calibration: bool
+    dithers: int
+    replay: dict | None
     allow: list
     thresholds: dict
     rootdir: Path
@@ -51,6 +55,9 @@ def pytest_addoption(parser):
     group.addoption("--update-golden", action="store_true", default=False,
                     help="implies --gpt-trace: write missing golden traces and rewrite those that no longer "
                          "match; refused when the CI environment variable is set")
+    group.addoption("--gpt-trace-recalibrate", action="store_true", default=False,
+                    help="implies --update-golden: record every golden again with a freshly measured noise "
+                         "band, also those that still match")
     group.addoption("--gpt-trace-golden-dir", metavar="DIR", default=None,
                     help="where golden traces live (default: golden/ at rootdir; ini: gpt_trace_golden_dir)")
     group.addoption("--gpt-trace-results-dir", metavar="DIR", default=None,
@@ -59,12 +66,19 @@ def pytest_addoption(parser):
     group.addoption("--gpt-trace-report", metavar="DIR", default=None,
                     help="also write every traced test's Markdown report and JSON trace to DIR (for CI artifacts)")
     group.addoption("--gpt-trace-profile", metavar="NAME", default=None,
-                    help="tolerance profile: exact (default) or statistical (ini: gpt_trace_profile)")
+                    help="tolerance profile: auto (default: calibrated for a golden with a noise band, exact "
+                         "for one without), calibrated, exact or statistical (ini: gpt_trace_profile)")
     parser.addini("gpt_trace", type="bool", default=False, help="run GPT trace tests without --gpt-trace")
     parser.addini("gpt_trace_golden_dir", default="golden", help="golden trace folder, relative to rootdir")
     parser.addini("gpt_trace_results_dir", default=".gpttrace-results",
                   help="obtained traces of failing tests, relative to rootdir")
-    parser.addini("gpt_trace_profile", default="exact", help="tolerance profile: exact or statistical")
+    parser.addini("gpt_trace_profile", default="auto",
+                  help="tolerance profile: auto, calibrated, exact or statistical")
+    parser.addini("gpt_trace_calibration", type="bool", default=True,
+                  help="record goldens with their noise band (replays under platform variants); "
+                       "false writes uncalibrated goldens, compared under exact")
+    parser.addini("gpt_trace_dithers", default="2",
+                  help="dithered replays per calibration, beside the ISA caps and the thread count (default 2)")
     parser.addini("gpt_trace_iterations", default="3", help="traced iterations per test (default 3)")
     parser.addini("gpt_trace_allow", type="linelist", default=[],
                   help="anomaly rule ids whose errors do not fail tests (they are still reported)")
@@ -83,19 +97,32 @@ def pytest_configure(config):
         "a GPT numerics trace test; see pytest-gpttrace's README",
     )
     from .anomalies import RULES, parse_thresholds
-    from .compare import PROFILES, overrides_from_lines
+    from .compare import AUTO, PROFILES, overrides_from_lines
+    from .replay import replay_spec
 
-    update = config.getoption("update_golden")
+    recalibrate = bool(config.getoption("gpt_trace_recalibrate"))
+    update = config.getoption("update_golden") or recalibrate
+    try:
+        replay = replay_spec()
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
     if update and os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
         raise pytest.UsageError(
             "--update-golden is refused because CI is set: CI never rewrites its own expectations. "
             "Update the goldens locally and commit them."
         )
-    enabled = bool(update or config.getoption("gpt_trace") or config.getini("gpt_trace"))
+    enabled = bool(update or replay or config.getoption("gpt_trace") or config.getini("gpt_trace"))
     profile = config.getoption("gpt_trace_profile") or config.getini("gpt_trace_profile")
-    if profile not in PROFILES:
+    if profile not in PROFILES and profile != AUTO:
         raise pytest.UsageError(f"--gpt-trace-profile / gpt_trace_profile: unknown profile {profile!r}; "
-                                f"choose one of {', '.join(PROFILES)}")
+                                f"choose one of {', '.join([AUTO, *PROFILES])}")
+    try:
+        dithers = int(config.getini("gpt_trace_dithers"))
+        if dithers < 0:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"ini gpt_trace_dithers: expected a non-negative integer, "
+                                f"got {config.getini('gpt_trace_dithers')!r}") from None
     try:
         tolerances = overrides_from_lines(config.getini("gpt_trace_tolerances"))
     except ValueError as exc:
@@ -131,6 +158,10 @@ def pytest_configure(config):
         profile=profile,
         tolerances=tolerances,
         iterations=iterations,
+        recalibrate=recalibrate,
+        calibration=bool(config.getini("gpt_trace_calibration")),
+        dithers=dithers,
+        replay=replay,
         allow=allow,
         thresholds=thresholds,
         rootdir=rootdir,
@@ -253,13 +284,16 @@ def gpt_trace(request, gpt_seed, gpt_model, gpt_batches, gpt_optimizers):
         _anomaly_settings(request.node)  # a bad allow=/thresholds= fails here, not in the report hook
     except ValueError as exc:
         _bad_marker(f"{request.node.nodeid}: @pytest.mark.{MARKER}: {exc}")
+    from .replay import variant_applied
+
     _seed_everything(gpt_seed)  # the loop's own randomness (dropout, sampled batches) repeats too
-    trace = trace_training(
-        gpt_model, gpt_batches, gpt_optimizers,
-        iterations=int(kwargs.get("iterations", settings.iterations)),
-        micro_steps=int(kwargs.get("micro_steps", 1)),
-        stages=kwargs.get("stages"),
-    )
+    with variant_applied(settings.replay or {}):  # a calibration replay's variant; nothing otherwise
+        trace = trace_training(
+            gpt_model, gpt_batches, gpt_optimizers,
+            iterations=int(kwargs.get("iterations", settings.iterations)),
+            micro_steps=int(kwargs.get("micro_steps", 1)),
+            stages=kwargs.get("stages"),
+        )
     request.node.stash[_TRACE] = trace
     if settings.report_dir is not None:
         _write_report(settings, request.node.nodeid, trace)
@@ -269,26 +303,54 @@ def gpt_trace(request, gpt_seed, gpt_model, gpt_batches, gpt_optimizers):
 @pytest.fixture
 def gpt_golden(request):
     """This test's golden trace: ``assert gpt_trace == gpt_golden``."""
-    from .compare import get_profile
+    from .compare import AUTO, get_profile
     from .golden import GoldenTrace
 
     settings = request.config.stash[_SETTINGS]
     kwargs = _marker_kwargs(request)
-    try:
-        profile = get_profile(kwargs.get("profile") or settings.profile)
-    except ValueError as exc:
-        _bad_marker(f"{request.node.nodeid}: {exc}")
+    profile = kwargs.get("profile") or settings.profile
+    if profile != AUTO:
+        try:
+            get_profile(profile)
+        except ValueError as exc:
+            _bad_marker(f"{request.node.nodeid}: {exc}")
     overrides = list(settings.tolerances) + _marker_tolerances(request, kwargs.get("tolerances"))
     golden = GoldenTrace(
         nodeid=request.node.nodeid,
         golden_dir=settings.golden_dir,
         results_dir=settings.results_dir,
         rootdir=settings.rootdir,
-        profile=profile.with_overrides(overrides),
+        profile_name=profile,
+        overrides=tuple(overrides),
         update=settings.update,
+        recalibrate=settings.recalibrate,
+        calibrator=_calibrator(request) if settings.update and settings.calibration else None,
+        replay_out=Path(settings.replay["out"]) if settings.replay else None,
     )
     request.node.stash[_GOLDEN] = golden
     return golden
+
+
+def _calibrator(request):
+    """obtained trace -> the same with its noise band, from replays of this test (see ``replay``)."""
+    from .calibrate import measure
+    from .compare import CALIBRATED_FLOOR, CALIBRATED_K
+    from .replay import Session, plan_variants, run_replays
+
+    config = request.config
+    settings = config.stash[_SETTINGS]
+    extra = ["-n", "0"] if config.pluginmanager.hasplugin("xdist") else []
+    session = Session(nodeid=request.node.nodeid, rootdir=settings.rootdir,
+                      inifile=Path(config.inipath) if config.inipath else None, extra_args=extra)
+
+    def calibrate(obtained):
+        env = obtained.environment
+        variants = plan_variants(str(env.get("device_type", "cpu")), int(env.get("threads", 1)),
+                                 dithers=settings.dithers, tf32=env.get("tf32"))
+        replays, seconds = run_replays(session, variants)
+        return measure(obtained, replays, k=CALIBRATED_K, floor=CALIBRATED_FLOOR, seconds=seconds)
+
+    return calibrate
 
 
 def _marker_tolerances(request, tolerances) -> list:
@@ -406,10 +468,14 @@ def _summary(item, trace, golden) -> dict:
              if name.endswith("mlp_resid") and s.std is not None]
     if golden is None or golden.path is None:
         out_of_tol = "not compared"
-    elif golden.comparison is not None:
-        out_of_tol = f"{len(golden.comparison.distinct_stages)} out of tolerance"
     elif golden.written:
         out_of_tol = f"golden {golden.written}"
+        if golden.calibration_note:
+            out_of_tol += f" ({golden.calibration_note})"
+    elif golden.comparison is not None:
+        out_of_tol = f"{len(golden.comparison.distinct_stages)} out of tolerance"
+        if golden.comparison.ok and golden.comparison.worst is not None:
+            out_of_tol += f" ({golden.comparison.profile.name}; {golden.comparison.worst.describe()})"
     elif golden.error is not None:
         out_of_tol = "golden malformed"
     elif golden.failure:
@@ -424,6 +490,7 @@ def _summary(item, trace, golden) -> dict:
         "out_of_tolerance": out_of_tol,
         "golden": golden.display(golden.path) if golden and golden.path else None,
         "residual_std": resid,
+        "drift": list(golden.drift or ()) if golden else [],
     }
 
 
@@ -468,6 +535,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                       f"{len(s.get('anomalies', ()))} warnings/errors, {s.get('infos', 0)} infos")
         for severity, rule, symptom, where in s.get("anomalies", ()):
             tr.write_line(f"    {severity} [{rule}] {symptom}" + (f" ({where})" if where and where not in symptom else ""))
+        for line in s.get("drift", ()):
+            tr.write_line(f"    {line}")
         if config.get_verbosity() > 0 and s["residual_std"]:
             tr.write_line(f"    residual std by layer {_sparkline(s['residual_std'])} "
                           f"({s['residual_std'][0]:.3g} .. {s['residual_std'][-1]:.3g})")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from .calibrate import summary as calibration_summary
 from .compare import Comparison, Mismatch
 
 MAX_ROWS = 20
-_ENV_KEYS = ("torch", "device", "dtype", "threads", "stats_path", "platform")
+_ENV_KEYS = ("torch", "device", "device_name", "cpu_capability", "dtype", "autocast", "matmul_precision",
+             "threads", "stats_path", "platform")
 
 
 def _fmt(value) -> str:
@@ -28,10 +30,26 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "
     return [line(headers)] + [line(r) for r in rows]
 
 
-def mismatch_row(m: Mismatch) -> list[str]:
+def _in_bands(m: Mismatch) -> str:
+    if m.band is None or m.difference is None:
+        return "-"
+    if m.band == 0:
+        return "no noise" if m.difference else "0"
+    return f"{m.difference / m.band:.3g}"
+
+
+def mismatch_row(m: Mismatch, calibrated: bool = False) -> list[str]:
     section = {"forward": "fwd", "stage_grads": "grad", "param_grads": "param", "loss": "loss"}[m.section]
-    return [str(m.iteration), section, m.stage, m.stat, _fmt(m.golden), _fmt(m.obtained),
-            _fmt(m.difference), _fmt(m.allowed)]
+    row = [str(m.iteration), section, m.stage, m.stat, _fmt(m.golden), _fmt(m.obtained),
+           _fmt(m.difference), _fmt(m.allowed)]
+    if calibrated:
+        row += [_fmt(m.band), _in_bands(m)]
+    return row
+
+
+def headers(calibrated: bool) -> list[str]:
+    out = ["iter", "pass", "stage", "stat", "golden", "obtained", "difference", "allowed"]
+    return out + (["band", "x band"] if calibrated else [])
 
 
 def environment_line(name: str, env: Mapping) -> str:
@@ -43,7 +61,9 @@ def render_comparison(comparison: Comparison, *, golden_name: str, obtained_name
                       accept_command: str | None = None, max_rows: int = MAX_ROWS) -> list[str]:
     """Lines of the failure report; the first says how many stages differ and where it starts."""
     if comparison.ok:
-        return [f"trace matches {golden_name} (profile {comparison.profile.name})"]
+        worst = f"; {comparison.worst.describe()}" if comparison.worst else ""
+        return [f"trace matches {golden_name} (profile {comparison.profile.name}){worst}"]
+    calibrated = comparison.profile.calibrated
     first = comparison.first
     n_stages, n_pairs = len(comparison.distinct_stages), len(comparison.stages_differing)
     across = f" in {n_pairs} stage-iterations" if n_pairs != n_stages else ""
@@ -52,15 +72,40 @@ def render_comparison(comparison: Comparison, *, golden_name: str, obtained_name
         f"(profile {comparison.profile.name}); first divergence: {first.where}, {first.stat}",
         f"golden: {golden_name}",
     ]
-    rows = [mismatch_row(m) for m in comparison.mismatches[:max_rows]]
-    lines += table(["iter", "pass", "stage", "stat", "golden", "obtained", "difference", "allowed"], rows)
+    rows = [mismatch_row(m, calibrated) for m in comparison.mismatches[:max_rows]]
+    lines += table(headers(calibrated), rows)
     more = len(comparison.mismatches) - len(rows)
     if more > 0:
-        lines.append(f"  (+{more} more)")
+        lines.append(f"  (+{more} more: gpttrace diff GOLDEN OBTAINED lists them all)")
     lines.append(environment_line("golden environment", comparison.golden.environment))
     lines.append(environment_line("obtained environment", comparison.obtained.environment))
+    if comparison.golden.calibration is not None:
+        lines.append(f"golden calibration: {calibration_summary(comparison.golden.calibration)}")
     if obtained_name:
         lines.append(f"obtained trace written to {obtained_name}")
     if accept_command:
         lines.append(f"if the change is intended, accept it: {accept_command}")
+    return lines
+
+
+def render_drift(comparison: Comparison, *, max_rows: int = 5) -> list[str]:
+    """How far an old golden lay from the new run, worst rows first, in units of the old band:
+    an intended change reads as thousands of bands, a drifted machine as a few."""
+    if comparison.ok:
+        return ["the old golden matched the new run"]
+    ranked = sorted(comparison.mismatches,
+                    key=lambda m: -(m.difference / m.allowed if m.difference is not None and m.allowed else 0.0))
+    n_stages = len(comparison.distinct_stages)
+    first = comparison.first
+    unit = "x band" if comparison.profile.calibrated else "x allowed"
+    lines = [f"the old golden differs in {n_stages} stage{'s' if n_stages != 1 else ''} "
+             f"(profile {comparison.profile.name}), first at {first.where}, {first.stat}; worst rows:"]
+    rows = []
+    for m in ranked[:max_rows]:
+        row = mismatch_row(m, comparison.profile.calibrated)
+        if not comparison.profile.calibrated:
+            ratio = m.difference / m.allowed if m.difference is not None and m.allowed else None
+            row.append("-" if ratio is None else f"{ratio:.3g}")
+        rows.append(row)
+    lines += table(headers(comparison.profile.calibrated) + ([] if comparison.profile.calibrated else [unit]), rows)
     return lines

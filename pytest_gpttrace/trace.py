@@ -10,9 +10,15 @@ one Iteration per traced forward/backward. An Iteration holds, in order:
 plus the loss, whether an optimizer step followed (``stepped``: None when unknown, as in a parsed
 seed report) and the learning rate of every param group.
 
-The JSON format (``"format": 1``) writes keys in a fixed order, one stage per line, and floats as
-Python's shortest round-trip repr, so a file reads back bit for bit and a golden change reads well
-in review. Non-finite floats are written as the strings "NaN", "Infinity" and "-Infinity".
+The JSON format writes keys in a fixed order, one stage per line, and floats as Python's shortest
+round-trip repr, so a file reads back bit for bit and a golden change reads well in review.
+Non-finite floats are written as the strings "NaN", "Infinity" and "-Infinity".
+
+Format 2 is format 1 plus a calibration (see ``calibrate``): a top-level ``"calibration"`` object
+(where the band came from: variants replayed, their environments, what was left out), a
+``"band"`` object at the end of each stage's line (per statistic, the largest deviation of the
+replays from this trace) and a ``"loss_band"`` per iteration. A trace without a calibration is
+still written as format 1, and format 1 files read as before.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ from typing import Any, Mapping
 
 from .errors import TraceFormatError
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMATS = (1,)
+FORMAT_VERSION = 1  # an uncalibrated trace
+CALIBRATED_FORMAT = 2  # a trace with its calibration band
+SUPPORTED_FORMATS = (1, 2)
 
 STAT_FIELDS = ("mean", "std", "min", "max", "rms", "zero_frac")
 COUNT_FIELDS = ("nan", "inf")
@@ -53,6 +60,8 @@ class TensorStats:
     zero_frac: float | None = None
     nan: int = 0
     inf: int = 0
+    # statistic -> measured noise: the largest |replay - this| over the calibration replays
+    band: Mapping[str, float] | None = field(default=None, compare=False)
 
     @property
     def l2_norm(self) -> float | None:
@@ -81,6 +90,7 @@ class Iteration:
     forward: Mapping[str, TensorStats] = field(default_factory=dict)
     stage_grads: Mapping[str, TensorStats] = field(default_factory=dict)
     param_grads: Mapping[str, TensorStats | None] = field(default_factory=dict)
+    loss_band: float | None = None  # the loss's calibration band (None: not calibrated)
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,12 @@ class Trace:
     zero_params: tuple[str, ...] | None = None
     # parameters with requires_grad=False: no gradient by design, so none is recorded for them
     frozen_params: tuple[str, ...] = ()
+    # where the bands came from (format 2); None for an uncalibrated trace
+    calibration: Mapping[str, Any] | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None
 
     def __repr__(self) -> str:
         stages = len(self.stage_names)
@@ -126,6 +142,7 @@ def stats_to_dict(s: TensorStats | None) -> dict | None:
         "numel": s.numel,
         **{k: _num(getattr(s, k)) for k in STAT_FIELDS},
         **{k: getattr(s, k) for k in COUNT_FIELDS},
+        **({"band": {k: _num(v) for k, v in s.band.items()}} if s.band is not None else {}),
     }
 
 
@@ -147,7 +164,7 @@ def _block(name: str, entries: Mapping[str, Any], indent: str, last: bool) -> li
 def dumps(trace: Trace) -> str:
     """Serialise a Trace: stable key order, one stage per line, floats that read back bit for bit."""
     lines = ["{"]
-    lines.append(f'  "format": {FORMAT_VERSION},')
+    lines.append(f'  "format": {CALIBRATED_FORMAT if trace.calibrated else FORMAT_VERSION},')
     lines.append(f'  "model": {_line(trace.model)},')
     lines.append(f'  "config": {_line(_jsonable(trace.config))},')
     lines.append(f'  "environment": {_line(_jsonable(trace.environment))},')
@@ -155,6 +172,8 @@ def dumps(trace: Trace) -> str:
     lines.append(f'  "zero_params": {_line(None if trace.zero_params is None else list(trace.zero_params))},')
     if trace.frozen_params:  # only when there are any: traces without frozen parameters stay as they were
         lines.append(f'  "frozen_params": {_line(list(trace.frozen_params))},')
+    if trace.calibrated:
+        lines.append(f'  "calibration": {_line(_jsonable(trace.calibration))},')
     lines.append('  "iterations": [')
     for n, it in enumerate(trace.iterations):
         lines.append("    {")
@@ -162,6 +181,8 @@ def dumps(trace: Trace) -> str:
         lines.append(f'      "loss": {_line(_num(it.loss))},')
         lines.append(f'      "stepped": {_line(it.stepped)},')
         lines.append(f'      "lr": {_line({k: _num(v) for k, v in it.lr.items()})},')
+        if trace.calibrated:
+            lines.append(f'      "loss_band": {_line(_num(it.loss_band))},')
         lines += _block("forward", {k: stats_to_dict(v) for k, v in it.forward.items()}, "      ", False)
         lines += _block("stage_grads", {k: stats_to_dict(v) for k, v in it.stage_grads.items()}, "      ", False)
         lines += _block("param_grads", {k: stats_to_dict(v) for k, v in it.param_grads.items()}, "      ", True)
@@ -230,7 +251,22 @@ class _Reader:
             numel=numel,
             **{k: self.number(d.get(k), f"{path}.{k}") for k in STAT_FIELDS},
             **{k: self.get(d, k, path, (int,), "an integer count") for k in COUNT_FIELDS},
+            band=self.band(d, path),
         )
+
+    def band(self, d, path):
+        band = self.get(d, "band", path, (dict,), "an object of statistic -> noise", optional=True)
+        if band is None:
+            return None
+        out = {}
+        for k, v in band.items():
+            if k not in STAT_FIELDS:
+                self.fail(f"{path}.band", f"unknown statistic {k!r}; expected one of {', '.join(STAT_FIELDS)}")
+            value = self.number(v, f"{path}.band.{k}", nullable=False)
+            if not value >= 0:
+                self.fail(f"{path}.band.{k}", f"expected a non-negative number, got {_short(v)}")
+            out[k] = value
+        return out
 
     def stage_map(self, obj, key, path, allow_none=False):
         entries = self.get(obj, key, path, (dict,), "an object of stage name -> stats")
@@ -281,6 +317,9 @@ def loads(text: str, file=None) -> Trace:
     frozen = r.get(doc, "frozen_params", "$", (list,), "a list of parameter names", optional=True) or []
     if not all(isinstance(n, str) for n in frozen):
         r.fail("$.frozen_params", "expected a list of parameter names (strings)")
+    calibration = r.get(doc, "calibration", "$", (dict,), "an object (where the bands came from)", optional=True)
+    if version >= CALIBRATED_FORMAT and calibration is None:
+        r.fail("$", 'missing field "calibration" (a format 2 trace records where its bands came from)')
     iterations = []
     for i, it in enumerate(r.get(doc, "iterations", "$", (list,), "a list of iterations")):
         p = f"$.iterations[{i}]"
@@ -293,6 +332,8 @@ def loads(text: str, file=None) -> Trace:
             forward=r.stage_map(it, "forward", p),
             stage_grads=r.stage_map(it, "stage_grads", p),
             param_grads=r.stage_map(it, "param_grads", p, allow_none=True),
+            loss_band=r.number(r.get(it, "loss_band", p, (int, float, str, type(None)), "a number or null",
+                                     optional=True), f"{p}.loss_band"),
         ))
     return Trace(
         config=r.get(doc, "config", "$", (dict,), "an object (the model config)"),
@@ -302,6 +343,7 @@ def loads(text: str, file=None) -> Trace:
         model=r.get(doc, "model", "$", (str,), "the model class name", optional=True) or "",
         zero_params=None if zero_params is None else tuple(zero_params),
         frozen_params=tuple(frozen),
+        calibration=calibration,
     )
 
 

@@ -105,7 +105,32 @@ def model_config(model: nn.Module) -> dict:
     return {}
 
 
-def environment(model: nn.Module, stats_path: str = "eager", stats_note: str | None = None) -> dict:
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_provenance(device: torch.device) -> dict:
+    """The device's name and kernel level: the CPU model and the ISA torch dispatches to, or the GPU
+    name and compute capability, and the matmul precision flags that change what kernels compute."""
+    out = {"matmul_precision": torch.get_float32_matmul_precision()}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        out.update(device_name=torch.cuda.get_device_name(device), cpu_capability=f"sm_{major}{minor}",
+                   tf32=bool(torch.backends.cuda.matmul.allow_tf32),
+                   cudnn_tf32=bool(torch.backends.cudnn.allow_tf32))
+    else:
+        out.update(device_name=_cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability())
+    return out
+
+
+def environment(model: nn.Module, stats_path: str = "eager", stats_note: str | None = None,
+                autocast: Sequence[str] = ()) -> dict:
     param = next(model.parameters(), None)
     floating = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -115,7 +140,9 @@ def environment(model: nn.Module, stats_path: str = "eager", stats_note: str | N
         "platform": f"{sys.platform}-{platform.machine()}",
         "device_type": device.type,
         "device": str(device),
+        **device_provenance(device),
         "dtype": str(floating.dtype) if floating is not None else "n/a",
+        **({"autocast": ", ".join(sorted(autocast))} if autocast else {}),
         "threads": torch.get_num_threads(),
         "stats_path": stats_path,
         **({"stats_note": stats_note} if stats_note else {}),
@@ -142,6 +169,8 @@ class Capture:
         self._handles: list = []
         self._tensor_handles: list = []
         self._active = False
+        self.autocast: set[str] = set()  # autocast dtypes seen active in a traced forward
+        self._device_type = next((p.device.type for p in model.parameters()), "cpu")
         self._reset()
 
     def _reset(self):
@@ -161,6 +190,8 @@ class Capture:
             if not self._active:
                 return None
             start = time.perf_counter()
+            if torch.is_autocast_enabled(self._device_type):
+                self.autocast.add(f"{self._device_type} {torch.get_autocast_dtype(self._device_type)}")
             for suffix, t in _tensors(output):
                 stage = self._unique(name + suffix, self._seen)
                 self._batch.add(("forward", stage), t)
@@ -298,7 +329,7 @@ class Capture:
     def trace(self) -> Trace:
         return Trace(
             config=model_config(self.model),
-            environment=environment(self.model, self.stats_path, self.path_note()),
+            environment=environment(self.model, self.stats_path, self.path_note(), sorted(self.autocast)),
             iterations=tuple(self.iterations),
             parameters={n: tuple(p.shape) for n, p in self.model.named_parameters()},
             model=type(self.model).__name__,
