@@ -47,6 +47,7 @@ class Replay:
     trace: Trace | None
     error: str | None = None
     environment: Mapping | None = None
+    seconds: float | None = None
 
 
 def scale(stat: str, s: TensorStats) -> float:
@@ -145,8 +146,9 @@ def measure(golden: Trace, replays: Sequence[Replay], *, k: float, floor: float,
         "k": k,
         "floor": floor,
         "replays": len(used),
-        "variants": [{"variant": r.variant, "what": r.description, **({"environment": dict(r.environment)}
-                      if r.environment else {})} for r in used],
+        "variants": [{"variant": r.variant, "what": r.description,
+                      **({"seconds": round(r.seconds, 1)} if r.seconds is not None else {}),
+                      **({"environment": dict(r.environment)} if r.environment else {})} for r in used],
         "excluded": excluded,
         **({"seconds": round(seconds, 1)} if seconds is not None else {}),
         **dict(extra or {}),

@@ -240,6 +240,8 @@ class Headroom:
     stat: str
 
     def describe(self) -> str:
+        if self.fraction == 0:
+            return "every compared statistic identical to the golden"
         where = "loss" if self.section == "loss" else f"{self.stage} {self.stat}"
         if self.section == "stage_grads":
             where = f"{self.stage} gradient {self.stat}"

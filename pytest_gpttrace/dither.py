@@ -17,13 +17,21 @@ global RNG, which drives dropout and data, is never touched):
   the op is computed again in float32 (as the kernels accumulate), perturbed at 2^-24 and rounded
   to the 16-bit dtype, which is where two real kernels part ways;
 - views, in-place and out= ops, integer and bool results pass through untouched, so aliasing and
-  the optimizer's in-place updates keep their meaning.
+  the optimizer's in-place updates keep their meaning; so do ops that compute nothing a kernel
+  could round otherwise (copies, casts, concatenation, indexing, selections such as max, relu or
+  where), random draws and constants (ops without a floating-point tensor input).
+
+The tool's own statistics are computed under ``undithered()``: a replay perturbs the model's
+numerics, never the measurement of them (a dithered zero count would no longer be exact).
 
 A dithered replay is one more draw of "another kernel" for the calibration band
 (``calibrate.py``); it never runs in an ordinary traced test.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -35,7 +43,30 @@ _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
+# exact in every kernel: data movement, casts, selections
+EXACT_OPS = frozenset({
+    aten._to_copy, aten.clone, aten.copy, aten.cat, aten.stack, aten.index, aten.index_select, aten.gather,
+    aten.embedding, aten.embedding_dense_backward, aten.where, aten.masked_fill, aten.slice_scatter,
+    aten.select_scatter, aten.select_backward, aten.slice_backward, aten.repeat, aten.constant_pad_nd,
+    aten.flip, aten.roll, aten.max, aten.min, aten.amax, aten.amin, aten.maximum, aten.minimum, aten.sort,
+    aten.topk, aten.relu, aten.threshold_backward, aten.abs, aten.neg, aten.sign, aten.clamp, aten.clamp_min,
+    aten.clamp_max, aten.expand_copy, aten.permute_copy, aten.transpose_copy, aten.detach_copy,
+    aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.tril, aten.triu, aten.eq, aten.ne,
+    aten.lt, aten.le, aten.gt, aten.ge, aten.isnan, aten.isinf, aten.logical_not, aten.split_with_sizes_copy,
+})
 _FUNCTIONAL: dict = {}
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def undithered():
+    """Ops inside this block pass through every KernelDither untouched."""
+    depth = getattr(_STATE, "depth", 0)
+    _STATE.depth = depth + 1
+    try:
+        yield
+    finally:
+        _STATE.depth = depth
 
 
 def _is_functional(func) -> bool:
@@ -49,7 +80,18 @@ def _is_functional(func) -> bool:
 def _schema_is_functional(schema) -> bool:
     if any(r.alias_info is not None for r in schema.returns):
         return False
+    if any(a.name == "generator" for a in schema.arguments):
+        return False  # a random draw
     return not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
+def _has_float_input(args) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return True
+        if isinstance(a, (list, tuple)) and _has_float_input(a):
+            return True
+    return False
 
 
 def _upcast(value):
@@ -85,7 +127,8 @@ class KernelDither(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not isinstance(out, torch.Tensor) or not _is_functional(func):
+        if not isinstance(out, torch.Tensor) or getattr(_STATE, "depth", 0) or func.overloadpacket in EXACT_OPS \
+                or not _is_functional(func) or not _has_float_input(args):
             return out
         if out.dtype in _UNIT_ROUNDOFF:
             return self._jitter(out, _UNIT_ROUNDOFF[out.dtype])

@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from .errors import CaptureError
 from . import stats as _stats
+from .dither import undithered
 from .stats import StatsBatch
 from .trace import Iteration, Trace
 
@@ -107,9 +108,10 @@ def model_config(model: nn.Module) -> dict:
 
 def _cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or platform.machine()
@@ -194,7 +196,8 @@ class Capture:
                 self.autocast.add(f"{self._device_type} {torch.get_autocast_dtype(self._device_type)}")
             for suffix, t in _tensors(output):
                 stage = self._unique(name + suffix, self._seen)
-                self._batch.add(("forward", stage), t)
+                with undithered():
+                    self._batch.add(("forward", stage), t)
                 if self.grads and t.requires_grad:
                     self._tensor_handles.append(t.register_hook(self._grad_hook(stage)))
             self._hook_seconds += time.perf_counter() - start
@@ -205,7 +208,8 @@ class Capture:
         def hook(grad):
             if self._active:
                 start = time.perf_counter()
-                self._batch.add(("stage_grads", self._unique(stage, self._grad_seen)), grad)
+                with undithered():
+                    self._batch.add(("stage_grads", self._unique(stage, self._grad_seen)), grad)
                 self._hook_seconds += time.perf_counter() - start
             return None
         return hook
@@ -276,6 +280,10 @@ class Capture:
     def end_iteration(self, loss: torch.Tensor | float | None = None, stepped: bool | None = None,
                       lr: dict | None = None) -> Iteration:
         """Close the current iteration: record parameter gradients, copy to the host once."""
+        with undithered():
+            return self._end_iteration(loss, stepped, lr)
+
+    def _end_iteration(self, loss, stepped, lr) -> Iteration:
         start = time.perf_counter()
         batch = self._batch
         if self.param_grads:
