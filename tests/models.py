@@ -56,3 +56,54 @@ def user_batches(vocab=64, T=16, seed=0):
     stream = torch.randint(0, vocab, (T + 1,), generator=g)
     while True:
         yield stream[:-1].view(1, T), stream[1:].view(1, T)
+
+
+class TiedBlock(nn.Module):
+    """GPT-2's block: LayerNorm with bias, one fused qkv projection with bias, GELU MLP."""
+
+    def __init__(self, d, n_head, scale_attention=True):
+        super().__init__()
+        self.n_head, self.scale_attention = n_head, scale_attention
+        self.ln_1 = nn.LayerNorm(d)
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=-1)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=None if self.scale_attention else 1.0)
+        x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TiedGPT(nn.Module):
+    """A GPT-2-style model unlike the reference one: learned positions, tied embedding and head,
+    biases everywhere, GELU; optionally under bf16 autocast, as mixed-precision training runs it."""
+
+    def __init__(self, vocab=128, d=32, T=32, layers=2, n_head=2, autocast=False, scale_attention=True):
+        super().__init__()
+        self.autocast = autocast
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(T, d)
+        self.h = nn.ModuleList([TiedBlock(d, n_head, scale_attention) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+
+    def forward(self, idx, targets):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            for block in self.h:
+                x = block(x)
+            logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def tied_batches(vocab=128, T=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        stream = torch.randint(0, vocab, (2, T + 1), generator=g)
+        yield stream[:, :-1], stream[:, 1:]
