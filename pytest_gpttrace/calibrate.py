@@ -107,7 +107,16 @@ def _deviation(a: float | None, b: float | None) -> float:
     return abs(a - b)
 
 
-def measure(golden: Trace, replays: Sequence[Replay], *, k: float, floor: float, seconds: float | None = None,
+@dataclass(frozen=True)
+class Calibrated:
+    """A golden with its band, and the wall time the replays took (reported, not written: a golden
+    changes only when its numbers do)."""
+
+    trace: Trace
+    seconds: float | None = None
+
+
+def measure(golden: Trace, replays: Sequence[Replay], *, k: float, floor: float,
             extra: Mapping | None = None) -> Trace:
     """The golden with a band on every statistic and its calibration record (format 2)."""
     used = []
@@ -147,10 +156,8 @@ def measure(golden: Trace, replays: Sequence[Replay], *, k: float, floor: float,
         "floor": floor,
         "replays": len(used),
         "variants": [{"variant": r.variant, "what": r.description,
-                      **({"seconds": round(r.seconds, 1)} if r.seconds is not None else {}),
                       **({"environment": dict(r.environment)} if r.environment else {})} for r in used],
         "excluded": excluded,
-        **({"seconds": round(seconds, 1)} if seconds is not None else {}),
         **dict(extra or {}),
     }
     return replace(golden, iterations=tuple(iterations), calibration=calibration)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .calibrate import Calibrated
 from .compare import Comparison, Override, check_same_config, compare, resolve_profile
 from .errors import GptTraceError
 from .trace import Trace, dumps, load
@@ -59,7 +60,7 @@ class GoldenTrace:
     overrides: tuple[Override, ...] = ()
     update: bool = False
     recalibrate: bool = False  # update mode: calibrate and rewrite even a matching golden
-    calibrator: Callable[[Trace], Trace] | None = None  # obtained -> obtained with its band
+    calibrator: Callable[[Trace], Calibrated] | None = None  # obtained -> obtained with its band
     replay_out: Path | None = None  # a calibration replay: write the obtained trace here, compare nothing
     command: str = "pytest --gpt-trace"
     # filled by the comparison
@@ -180,15 +181,17 @@ class GoldenTrace:
             from .report import render_drift
 
             self.drift = render_drift(comparison)
-        new = self.calibrator(obtained) if self.calibrator is not None else obtained
+        calibrated = self.calibrator(obtained) if self.calibrator is not None else Calibrated(obtained)
+        new = calibrated.trace
         if new.calibration is not None:
             from .calibrate import summary
 
             self.calibration_note = summary(new.calibration) + (
-                f", {new.calibration['seconds']} s" if "seconds" in new.calibration else "")
+                f", measured in {calibrated.seconds:.1f} s" if calibrated.seconds is not None else "")
         existed = self.path.exists()
         text = dumps(new)
         if existed and _read_or_none(self.path) == text:
+            self.comparison = comparison
             return True  # byte for byte what is there: nothing to write
         write_text_atomic(self.path, text)
         if not existed:

@@ -333,7 +333,7 @@ def gpt_golden(request):
 
 def _calibrator(request):
     """obtained trace -> the same with its noise band, from replays of this test (see ``replay``)."""
-    from .calibrate import measure
+    from .calibrate import Calibrated, measure
     from .compare import CALIBRATED_FLOOR, CALIBRATED_K
     from .replay import Session, plan_variants, run_replays
 
@@ -348,7 +348,7 @@ def _calibrator(request):
         variants = plan_variants(str(env.get("device_type", "cpu")), int(env.get("threads", 1)),
                                  dithers=settings.dithers, tf32=env.get("tf32"))
         replays, seconds = run_replays(session, variants)
-        return measure(obtained, replays, k=CALIBRATED_K, floor=CALIBRATED_FLOOR, seconds=seconds)
+        return Calibrated(measure(obtained, replays, k=CALIBRATED_K, floor=CALIBRATED_FLOOR), seconds)
 
     return calibrate
 

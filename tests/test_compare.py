@@ -128,7 +128,7 @@ def test_parse_override():
 
 
 def test_unknown_profile():
-    with pytest.raises(ValueError, match="unknown tolerance profile 'x': choose one of exact, statistical"):
+    with pytest.raises(ValueError, match="unknown tolerance profile 'x': choose one of auto, calibrated, exact, statistical"):
         get_profile("x")
 
 
@@ -139,7 +139,7 @@ def test_report_is_capped_and_ends_with_the_remedy():
                               golden_name="golden/x.json", obtained_name=".gpttrace-results/x.json",
                               accept_command="pytest --gpt-trace --update-golden 'x'")
     assert lines[0] == "30 stages out of tolerance (profile exact); first divergence: s0 (forward), iteration 0, std"
-    assert "  (+10 more)" in lines  # 30 mismatches, 20 shown
+    assert "  (+10 more: gpttrace diff GOLDEN OBTAINED lists them all)" in lines  # 30 mismatches, 20 shown
     assert lines[-1] == "if the change is intended, accept it: pytest --gpt-trace --update-golden 'x'"
 
 

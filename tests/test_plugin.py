@@ -35,11 +35,14 @@ def test_model(gpt_trace, gpt_golden):
 """
 
 GOLDEN = Path("golden/test_model/test_model.json")
+# the life cycle of uncalibrated goldens (format 1, exact); calibration has tests of its own below
+NO_CALIBRATION = "[pytest]\ngpt_trace_calibration = false\n"
 
 
 @pytest.fixture
 def project(pytester, monkeypatch):
     monkeypatch.delenv("CI", raising=False)
+    pytester.makeini(NO_CALIBRATION)
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_model=TEST_FILE)
     return pytester
@@ -159,9 +162,9 @@ def test_ini_tolerances_and_marker_tolerances_loosen_a_stage(project):
     run(project, "--update-golden").assert_outcomes(passed=1)
     nudge_std(project.path / GOLDEN, "blocks.1.attn.q_rope", 1.01)
     run(project, "--gpt-trace").assert_outcomes(failed=1)
-    project.makeini("[pytest]\ngpt_trace_tolerances =\n    blocks.*.attn.q_rope std rtol=0.05\n")
+    project.makeini(NO_CALIBRATION + "gpt_trace_tolerances =\n    blocks.*.attn.q_rope std rtol=0.05\n")
     run(project, "--gpt-trace").assert_outcomes(passed=1)
-    project.makeini("[pytest]\n")
+    project.makeini(NO_CALIBRATION)
     project.makepyfile(test_model=TEST_FILE.replace(
         "iterations=2)", "iterations=2, tolerances=['blocks.1.attn.* std rtol=0.05'])"))
     run(project, "--gpt-trace").assert_outcomes(passed=1)
@@ -181,7 +184,7 @@ def test_terminal_summary_lines(project):
     result = run(project, "--gpt-trace", "-v")
     result.stdout.fnmatch_lines([
         "*- gpt-trace -*",
-        "test_model.py::test_model: 48 stages, 2 iterations, loss 4.158883 -> *, 0 out of tolerance, golden golden/test_model/test_model.json, 0 warnings/errors, * infos",
+        "test_model.py::test_model: 48 stages, 2 iterations, loss 4.158883 -> *, 0 out of tolerance (exact; every compared statistic identical to the golden), golden golden/test_model/test_model.json, 0 warnings/errors, * infos",
         "*residual std by layer*",
     ])
 
@@ -288,7 +291,7 @@ def gpt_model(gpt_config):
 
 
 def test_unknown_allowed_rule_is_a_usage_error(project):
-    project.makeini("[pytest]\ngpt_trace_allow = stuck-los\n")
+    project.makeini(NO_CALIBRATION + "gpt_trace_allow = stuck-los\n")
     result = run(project, "--gpt-trace")
     assert result.ret == 4
     result.stderr.fnmatch_lines(["*gpt_trace_allow: unknown rule stuck-los*"])
@@ -380,3 +383,48 @@ def test_summary_says_when_nothing_was_compared(project):
     result.stdout.fnmatch_lines(["test_model.py::test_model: 48 stages, 2 iterations, *, golden missing, golden golden/*"])
     result = run(project, "--update-golden")
     result.stdout.fnmatch_lines(["test_model.py::test_model: *, golden created, golden golden/*"])
+
+
+def test_calibrated_golden_life_cycle(project):
+    """Create with a band, pass with headroom, fail with the band beside the allowance, refresh
+    saying how far the old golden lay in bands, recalibrate from the command line."""
+    p = project
+    p.makeini("[pytest]\n")  # calibration on, as by default
+    result = run(p, "--update-golden")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([
+        "*golden created (band of * replays (cap-default, threads-*, dither-1, dither-2), k 4.0, floor 4e-06, "
+        "measured in * s)*",
+    ])
+    golden = p.path / GOLDEN
+    doc = json.loads(golden.read_text())
+    assert doc["format"] == 2 and doc["calibration"]["excluded"] == []
+    assert {"device_name", "cpu_capability", "threads"} <= set(doc["calibration"]["variants"][0]["environment"])
+    mtime = golden.stat().st_mtime_ns
+    result = run(p, "--gpt-trace")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*0 out of tolerance (calibrated; *)*"])
+    run(p, "--update-golden").assert_outcomes(passed=1)
+    assert golden.stat().st_mtime_ns == mtime  # a matching golden is not rewritten
+    nudge_std(golden, "blocks.1.attn.q_rope", 1.01)
+    result = run(p, "--gpt-trace")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*1 stage out of tolerance (profile calibrated); first divergence: blocks.1.attn.q_rope (forward), "
+        "iteration 0, std*",
+        "*iter*pass*stage*stat*golden*obtained*difference*allowed*band*x band*",
+        "*golden calibration: band of * replays*",
+    ])
+    result = run(p, "--update-golden")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([
+        "*golden updated (band of*",
+        "*the old golden differs in 1 stage (profile calibrated), first at blocks.1.attn.q_rope (forward), "
+        "iteration 0, std; worst rows:*",
+        "*0*fwd*blocks.1.attn.q_rope*std*",
+    ])
+    run(p, "--gpt-trace").assert_outcomes(passed=1)
+    done = p.run("gpttrace", "calibrate", "test_model.py", "--dithers", "0")
+    assert done.ret == 0, done.stdout.str()
+    done.stdout.fnmatch_lines(["*golden recalibrated (band of * replays (cap-default, threads-*), *"])
+    assert "dither" not in json.loads(golden.read_text())["calibration"]["variants"].__repr__()
