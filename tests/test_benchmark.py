@@ -18,7 +18,7 @@ def test_overhead_benchmark_prints_its_summary_line():
     lines = done.stdout.strip().splitlines()
     assert re.fullmatch(r"overhead depth1=\d+\.\d\d depth2=\d+\.\d\d mem=(\d+\.\d\d|n/a)", lines[-1]), lines[-1]
     assert sum("pair " in line for line in lines) == 4
-    assert any(re.search(r"depth 2: overhead \d\.\d+ \(median of 2 pairs, spread .*statistics path: (compiled|eager)",
+    assert any(re.search(r"depth 2: overhead \d+\.\d+ \(median of 2 pairs, spread .*statistics path: (compiled|eager)",
                          line) for line in lines)
 
 

@@ -331,6 +331,7 @@ def gpt_batches():
 
 def test_a_user_model_from_the_global_rng_matches_its_golden(pytester, monkeypatch):
     monkeypatch.delenv("CI", raising=False)
+    pytester.makeini(NO_CALIBRATION)
     pytester.makeconftest(UNSEEDED_USER_MODEL)
     pytester.makepyfile(test_user="""
 import torch
