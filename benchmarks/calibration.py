@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -83,7 +82,12 @@ def main(argv=None) -> int:
             runs.append(time.perf_counter() - start)
         timings[name] = statistics.median(runs)
     med = statistics.median
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    import torch
+
+    from pytest_gpttrace.tracer import device_provenance
+
+    cpu = device_provenance(torch.device("cpu"))
+    print(f"machine: {cpu['device_name']} ({cpu['cpu_capability']}), {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"record the tiny golden: {med(plain):.1f} s plain, {med(calibrated):.1f} s with its band "
           f"({len(golden.calibration['variants'])} replays: "
           f"{', '.join(v['variant'] for v in golden.calibration['variants'])})")
