@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from .trace import Iteration, TensorStats, Trace
 
@@ -205,6 +205,3 @@ def summary(calibration: Mapping) -> str:
         line += "; left out: " + "; ".join(f"{e['variant']} ({e['reason']})" for e in left_out)
     return line
 
-
-def variant_names(replays: Iterable[Replay]) -> list[str]:
-    return [r.variant for r in replays]

@@ -246,7 +246,7 @@ class Headroom:
         if self.section == "stage_grads":
             where = f"{self.stage} gradient {self.stat}"
         elif self.section == "param_grads":
-            where = f"{self.stage} {self.stat}"
+            where = f"{self.stage} grad {self.stat}"
         return f"worst {where} (iteration {self.iteration}) at {self.fraction:.2g} of allowed"
 
 
