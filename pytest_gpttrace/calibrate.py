@@ -68,8 +68,13 @@ def incomparable(golden: Trace, other: Trace) -> str | None:
     """Why ``other`` cannot be a draw of the golden's noise (None when it can)."""
     if len(golden.iterations) != len(other.iterations):
         return f"{len(other.iterations)} iterations, the golden has {len(golden.iterations)}"
+    if dict(golden.config) != dict(other.config):
+        keys = sorted(k for k in set(golden.config) | set(other.config) if golden.config.get(k) != other.config.get(k))
+        return f"another model config ({', '.join(keys)})"
     for g_it, o_it in zip(golden.iterations, other.iterations):
         i = g_it.index
+        if g_it.stepped != o_it.stepped or dict(g_it.lr) != dict(o_it.lr):
+            return f"another optimizer schedule at iteration {i} (stepped {o_it.stepped}, lr {dict(o_it.lr)})"
         if (g_it.loss is None) != (o_it.loss is None) or (
                 g_it.loss is not None and math.isfinite(g_it.loss) != math.isfinite(o_it.loss)):
             return f"loss {o_it.loss} at iteration {i}, the golden has {g_it.loss}"
@@ -163,6 +168,10 @@ def measure(golden: Trace, replays: Sequence[Replay], *, k: float, floor: float,
     return replace(golden, iterations=tuple(iterations), calibration=calibration)
 
 
+def _is_float(dtype: str) -> bool:
+    return any(k in dtype for k in ("float", "bfloat", "half", "complex"))
+
+
 def _relative(band: float, unit: float) -> float:
     return band / unit if unit > 0 else 0.0
 
@@ -174,6 +183,9 @@ def effective_bands(it: Iteration) -> dict[tuple[str, str], dict[str, float]]:
     for section in SECTIONS:
         for name, s in getattr(it, section).items():
             if s is None or not s.band:
+                continue
+            if not _is_float(s.dtype):
+                relative[(section, name)] = 0.0
                 continue
             relative[(section, name)] = max(
                 (_relative(s.band[stat], scale(stat, s)) for stat in SCALED if stat in s.band), default=0.0)
@@ -187,6 +199,9 @@ def effective_bands(it: Iteration) -> dict[tuple[str, str], dict[str, float]]:
     out = {}
     for (section, name), stage_relative in relative.items():
         s = getattr(it, section)[name]
+        if not _is_float(s.dtype):
+            out[(section, name)] = dict(s.band)  # token ids and counts: exact, no float noise to share
+            continue
         pooled = max(stage_relative, medians[section])
         bands = {stat: max(s.band[stat], pooled * scale(stat, s)) for stat in SCALED if stat in s.band}
         if "zero_frac" in s.band:

@@ -16,6 +16,9 @@ global RNG, which drives dropout and data, is never touched):
 - 16-bit results of matmuls (``mm``, ``bmm``, ``addmm``, ``baddbmm``, ``addmv``, ``mv``, ``dot``):
   the op is computed again in float32 (as the kernels accumulate), perturbed at 2^-24 and rounded
   to the 16-bit dtype, which is where two real kernels part ways;
+- ops that return several tensors (the fused CPU attention and LayerNorm kernels), in-place
+  optimizer updates and ``_foreach`` lists are not perturbed: their inputs are, so the noise
+  still reaches them, one op later;
 - views, in-place and out= ops, integer and bool results pass through untouched, so aliasing and
   the optimizer's in-place updates keep their meaning; so do ops that compute nothing a kernel
   could round otherwise (copies, casts, concatenation, indexing, selections such as max, relu or
@@ -122,7 +125,8 @@ class KernelDither(TorchDispatchMode):
         if t.numel() == 0:
             return t
         u = torch.rand(t.shape, generator=self._generator(t.device), dtype=t.dtype, device=t.device)
-        return t + t * ((u * 2 - 1) * unit)
+        # an infinity (an additive mask's -inf) stays what it is: inf * (1 + e) is inf, not inf - inf
+        return torch.where(torch.isfinite(t), t + t * ((u * 2 - 1) * unit), t)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

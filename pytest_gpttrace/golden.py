@@ -183,7 +183,14 @@ class GoldenTrace:
             self.drift = render_drift(comparison)
         calibrated = self.calibrator(obtained) if self.calibrator is not None else Calibrated(obtained)
         new = calibrated.trace
-        if new.calibration is not None:
+        if new.calibration is not None and not new.calibration.get("replays"):
+            # no replay could be used: a band of zero would be stricter than exact; write no band
+            from .calibrate import summary
+
+            self.calibration_note = "NOT calibrated, no usable replay: " + summary(new.calibration) + \
+                "; written without a band (compared under exact)"
+            new = obtained
+        elif new.calibration is not None:
             from .calibrate import summary
 
             self.calibration_note = summary(new.calibration) + (

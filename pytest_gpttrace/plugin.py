@@ -295,7 +295,7 @@ def gpt_trace(request, gpt_seed, gpt_model, gpt_batches, gpt_optimizers):
             stages=kwargs.get("stages"),
         )
     request.node.stash[_TRACE] = trace
-    if settings.report_dir is not None:
+    if settings.report_dir is not None and not settings.replay:  # a replay's trace is not the run's report
         _write_report(settings, request.node.nodeid, trace)
     return trace
 

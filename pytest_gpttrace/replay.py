@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -161,13 +162,13 @@ def run_one(session: Session, variant: Variant, folder: Path, timeout: float) ->
     start = time.perf_counter()
     try:
         done = subprocess.run(command(session), cwd=session.rootdir, env=_environment(variant, spec, folder),
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return Replay(variant.name, variant.description, None, f"did not finish in {timeout:.0f} s")
     if not out.exists():
-        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
-        return Replay(variant.name, variant.description, None,
-                      f"exit {done.returncode} without a trace: {' | '.join(tail) or 'no output'}")
+        lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip() and "DEBUG" not in line]
+        last = re.sub(r" in [0-9.]+s( \([0-9:]+\))?", "", lines[-1].strip("= ")) if lines else "no output"
+        return Replay(variant.name, variant.description, None, f"exit {done.returncode} without a trace: {last}")
     try:
         trace = load(out)
     except GptTraceError as exc:

@@ -93,8 +93,12 @@ def render_drift(comparison: Comparison, *, max_rows: int = 5) -> list[str]:
     an intended change reads as thousands of bands, a drifted machine as a few."""
     if comparison.ok:
         return ["the old golden matched the new run"]
-    ranked = sorted(comparison.mismatches,
-                    key=lambda m: -(m.difference / m.allowed if m.difference is not None and m.allowed else 0.0))
+    def severity(m: Mismatch) -> float:
+        if m.difference is None or not m.allowed:
+            return float("inf")  # a shape, presence, NaN or zero-ness change, or no allowance at all
+        return m.difference / m.allowed
+
+    ranked = sorted(comparison.mismatches, key=lambda m: -severity(m))
     n_stages = len(comparison.distinct_stages)
     first = comparison.first
     unit = "x band" if comparison.profile.calibrated else "x allowed"

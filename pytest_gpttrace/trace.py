@@ -262,11 +262,14 @@ class _Reader:
         for k, v in band.items():
             if k not in STAT_FIELDS:
                 self.fail(f"{path}.band", f"unknown statistic {k!r}; expected one of {', '.join(STAT_FIELDS)}")
-            value = self.number(v, f"{path}.band.{k}", nullable=False)
-            if not value >= 0:
-                self.fail(f"{path}.band.{k}", f"expected a non-negative number, got {_short(v)}")
-            out[k] = value
+            out[k] = self.band_value(v, f"{path}.band.{k}", nullable=False)
         return out
+
+    def band_value(self, v, path, nullable=True):
+        value = self.number(v, path, nullable=nullable)
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            self.fail(path, f"expected a non-negative finite number, got {_short(v)}")
+        return value
 
     def stage_map(self, obj, key, path, allow_none=False):
         entries = self.get(obj, key, path, (dict,), "an object of stage name -> stats")
@@ -320,6 +323,8 @@ def loads(text: str, file=None) -> Trace:
     calibration = r.get(doc, "calibration", "$", (dict,), "an object (where the bands came from)", optional=True)
     if version >= CALIBRATED_FORMAT and calibration is None:
         r.fail("$", 'missing field "calibration" (a format 2 trace records where its bands came from)')
+    if version < CALIBRATED_FORMAT and calibration is not None:
+        r.fail("$.calibration", f"a format {version} trace has no calibration: write \"format\": 2 with its bands")
     iterations = []
     for i, it in enumerate(r.get(doc, "iterations", "$", (list,), "a list of iterations")):
         p = f"$.iterations[{i}]"
@@ -332,8 +337,8 @@ def loads(text: str, file=None) -> Trace:
             forward=r.stage_map(it, "forward", p),
             stage_grads=r.stage_map(it, "stage_grads", p),
             param_grads=r.stage_map(it, "param_grads", p, allow_none=True),
-            loss_band=r.number(r.get(it, "loss_band", p, (int, float, str, type(None)), "a number or null",
-                                     optional=True), f"{p}.loss_band"),
+            loss_band=r.band_value(r.get(it, "loss_band", p, (int, float, str, type(None)), "a number or null",
+                                         optional=True), f"{p}.loss_band"),
         ))
     return Trace(
         config=r.get(doc, "config", "$", (dict,), "an object (the model config)"),

@@ -232,3 +232,29 @@ def test_the_variants_follow_the_cpu_and_the_run():
     cuda = [v.name for v in plan_variants("cuda", 1, dithers=1, tf32=False)]
     assert cuda == ["tf32-on", "sdpa-math", "deterministic", "dither-1"]
     assert cpu_levels(set()) == ["default"]
+
+
+def test_token_ids_keep_their_own_exact_band():
+    ids = TensorStats((8,), "torch.int64", "cpu", 8, 10.0, 3.0, 1.0, 20.0, 11.0, 0.0, band=dict.fromkeys(STAT_FIELDS, 0.0))
+    noisy = replace(S, band={**dict.fromkeys(STAT_FIELDS, 0.0), "std": 1e-2})
+    bands = effective_bands(it(0, 1.0, {"inputs.idx": ids, "a": noisy, "b": noisy}))
+    assert bands[("forward", "inputs.idx")]["max"] == 0.0
+
+
+def test_a_replay_of_another_schedule_is_not_noise():
+    golden = trace(it(0, 1.0, {"x": S}))
+    other = trace(Iteration(0, 1.0, True, {"AdamW[0]": 0.1}, {"x": S}, {}, {}))
+    assert "another optimizer schedule" in incomparable(golden, other)
+
+
+def test_without_a_usable_replay_the_golden_is_written_without_a_band(tmp_path):
+    from pytest_gpttrace.calibrate import Calibrated
+    from pytest_gpttrace.golden import GoldenTrace
+
+    obtained = trace(it(0, 1.0, {"x": S}))
+    failed = measure(obtained, [Replay("cap-default", "d", None, "exit 4 without a trace")], k=4, floor=1e-6)
+    golden = GoldenTrace("t.py::test", tmp_path / "golden", tmp_path / "results", tmp_path, update=True,
+                         calibrator=lambda t: Calibrated(failed, 1.0))
+    assert golden == obtained
+    assert not load(golden.path).calibrated
+    assert golden.calibration_note.startswith("NOT calibrated, no usable replay")

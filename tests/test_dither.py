@@ -69,3 +69,11 @@ def test_a_dithered_training_step_keeps_exact_zeros_and_the_tool_measures_exactl
     forward = cap.trace().iterations[0].forward
     assert forward["blocks.0.mlp.out"].all_zero and forward["lm_head.logits"].all_zero
     assert forward["blocks.0.mlp.relu2"].zero_frac < 1
+
+
+def test_an_additive_mask_keeps_its_infinities():
+    x = torch.randn(8, 8)
+    mask = torch.triu(torch.full((8, 8), float("-inf")), diagonal=1)
+    with KernelDither(1):
+        out = x + mask
+    assert torch.equal(torch.isinf(out), torch.isinf(mask)) and not torch.isnan(out).any()
