@@ -17,24 +17,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TEST = textwrap.dedent('''
-    import pytest
-    from reference_model import GPTConfig
-
-    TINY = GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
-
-    @pytest.mark.gpt_trace(iterations=3, seed=42)
-    @pytest.mark.parametrize("gpt_config", [TINY], ids=["tiny"])
-    def test_tiny(gpt_trace, gpt_golden):
-        assert gpt_trace == gpt_golden
-''')
+from tests.platforms import TINY_TEST as TEST  # noqa: E402  the tiny golden test a user's project holds
 
 
 def pytest_run(project: Path, *args: str, calibration: bool = True) -> float:

@@ -116,24 +116,12 @@ def pytest_configure(config):
     if profile not in PROFILES and profile != AUTO:
         raise pytest.UsageError(f"--gpt-trace-profile / gpt_trace_profile: unknown profile {profile!r}; "
                                 f"choose one of {', '.join([AUTO, *PROFILES])}")
-    try:
-        dithers = int(config.getini("gpt_trace_dithers"))
-        if dithers < 0:
-            raise ValueError
-    except ValueError:
-        raise pytest.UsageError(f"ini gpt_trace_dithers: expected a non-negative integer, "
-                                f"got {config.getini('gpt_trace_dithers')!r}") from None
+    dithers = _ini_int(config, "gpt_trace_dithers", minimum=0)
     try:
         tolerances = overrides_from_lines(config.getini("gpt_trace_tolerances"))
     except ValueError as exc:
         raise pytest.UsageError(f"ini gpt_trace_tolerances: {exc}") from None
-    try:
-        iterations = int(config.getini("gpt_trace_iterations"))
-        if iterations < 1:
-            raise ValueError
-    except ValueError:
-        raise pytest.UsageError(f"ini gpt_trace_iterations: expected a positive integer, "
-                                f"got {config.getini('gpt_trace_iterations')!r}") from None
+    iterations = _ini_int(config, "gpt_trace_iterations", minimum=1)
     allow = list(config.getini("gpt_trace_allow"))
     unknown = [r for r in allow if r not in RULES]
     if unknown:
@@ -167,6 +155,18 @@ def pytest_configure(config):
         rootdir=rootdir,
     )
     config.pluginmanager.register(_Collector(settings), "gpt-trace-collector")
+
+
+def _ini_int(config, name: str, minimum: int) -> int:
+    raw = config.getini(name)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        what = "a positive integer" if minimum == 1 else "a non-negative integer"
+        raise pytest.UsageError(f"ini {name}: expected {what}, got {raw!r}")
+    return value
 
 
 def _is_trace_test(item) -> bool:

@@ -6,6 +6,7 @@ own inductor cache (the cache does not key on the cap).
 
 import atexit
 import os
+import textwrap
 import shutil
 import subprocess
 import sys
@@ -17,8 +18,29 @@ import pytest
 from pytest_gpttrace.replay import CAP_VARIABLES, CAPS, cpu_flags
 
 ROOT = Path(__file__).parent.parent
+# the reference model's tiny golden test, as a user's project would hold it
+TINY_TEST = textwrap.dedent('''
+    import pytest
+    from reference_model import GPTConfig
+
+    TINY = GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+
+    @pytest.mark.gpt_trace(iterations=3, seed=42)
+    @pytest.mark.parametrize("gpt_config", [TINY], ids=["tiny"])
+    def test_tiny(gpt_trace, gpt_golden):
+        assert gpt_trace == gpt_golden
+''')
 # cap name -> the CPU flag it needs; "native" removes every cap
 NEEDS = {"default": None, "avx2": "avx2", "avx512": "avx512f", "native": None}
+
+
+def make_project(folder: Path, ini: str = "[pytest]\ngpt_trace = true\n", **files: str) -> Path:
+    """A user's project: a pytest.ini and the given files (name without .py -> source)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pytest.ini").write_text(ini)
+    for name, text in files.items():
+        (folder / f"{name}.py").write_text(text)
+    return folder
 
 
 def cap_param(name):

@@ -2,32 +2,14 @@
 calibration band), compared under every other cap this CPU supports, in both directions, each run
 in a fresh process. And the shipped goldens hold under every cap."""
 
-import textwrap
-
 import pytest
 
-from tests.platforms import ROOT, cap_param, output, run_pytest, supported_caps
-
-TEST = textwrap.dedent('''
-    import pytest
-    from reference_model import GPTConfig
-
-    TINY = GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
-
-    @pytest.mark.gpt_trace(iterations=3, seed=42)
-    @pytest.mark.parametrize("gpt_config", [TINY], ids=["tiny"])
-    def test_tiny(gpt_trace, gpt_golden):
-        assert gpt_trace == gpt_golden
-''')
+from tests.platforms import ROOT, TINY_TEST, cap_param, make_project, output, run_pytest, supported_caps
 
 
 @pytest.fixture
 def project(tmp_path):
-    folder = tmp_path / "project"
-    folder.mkdir()
-    (folder / "pytest.ini").write_text("[pytest]\ngpt_trace = true\n")
-    (folder / "test_tiny.py").write_text(TEST)
-    return folder
+    return make_project(tmp_path / "project", test_tiny=TINY_TEST)
 
 
 @pytest.mark.parametrize("recorded", [cap_param("default"), cap_param("avx2"), cap_param("avx512")])

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from tests.platforms import output, run_pytest, supported_caps
+from tests.platforms import make_project, output, run_pytest, supported_caps
 
 CONFTEST = textwrap.dedent('''
     import os
@@ -41,12 +41,7 @@ TEST = textwrap.dedent('''
 
 @pytest.fixture
 def project(tmp_path):
-    folder = tmp_path / "project"
-    folder.mkdir()
-    (folder / "pytest.ini").write_text("[pytest]\ngpt_trace = true\n")
-    (folder / "conftest.py").write_text(CONFTEST)
-    (folder / "test_user.py").write_text(TEST)
-    return folder
+    return make_project(tmp_path / "project", conftest=CONFTEST, test_user=TEST)
 
 
 @pytest.mark.parametrize("autocast", ["0", "1"], ids=["float32", "bf16-autocast"])
