@@ -47,7 +47,6 @@ class Replay:
     trace: Trace | None
     error: str | None = None
     environment: Mapping | None = None
-    seconds: float | None = None
 
 
 def scale(stat: str, s: TensorStats) -> float:
@@ -121,8 +120,7 @@ class Calibrated:
     seconds: float | None = None
 
 
-def measure(golden: Trace, replays: Sequence[Replay], *, k: float, floor: float,
-            extra: Mapping | None = None) -> Trace:
+def measure(golden: Trace, replays: Sequence[Replay], *, k: float, floor: float) -> Trace:
     """The golden with a band on every statistic and its calibration record (format 2)."""
     used = []
     excluded = []
@@ -163,7 +161,6 @@ def measure(golden: Trace, replays: Sequence[Replay], *, k: float, floor: float,
         "variants": [{"variant": r.variant, "what": r.description,
                       **({"environment": dict(r.environment)} if r.environment else {})} for r in used],
         "excluded": excluded,
-        **dict(extra or {}),
     }
     return replace(golden, iterations=tuple(iterations), calibration=calibration)
 

@@ -312,7 +312,7 @@ def _scale(s: TensorStats) -> float | None:
     return None
 
 
-def _calibrated_allowed(profile: Profile, stage: str, stat: str, g: TensorStats, band: float | None) -> float:
+def _calibrated_allowed(profile: Profile, stat: str, g: TensorStats, band: float | None) -> float:
     floor_tol = profile.tolerances.get(stat)
     floor = floor_tol.allowed(getattr(g, stat), _scale(g)) if floor_tol is not None \
         else profile.floor * scale(stat, g)
@@ -358,7 +358,7 @@ def compare_stats(iteration: int, section: str, stage: str, g: TensorStats | Non
         band = None
         if profile.calibrated and profile.override(stage, stat) is None:
             band = (bands or {}).get(stat, 0.0)
-            tol = Tolerance(atol=_calibrated_allowed(profile, stage, stat, g, band) + quantum)
+            tol = Tolerance(atol=_calibrated_allowed(profile, stat, g, band) + quantum)
         ok, allowed = _close(gv, ov, tol, _scale(g))
         if worst is not None and math.isfinite(gv) and math.isfinite(ov):
             worst.see(abs(ov - gv), allowed, iteration, section, stage, stat)

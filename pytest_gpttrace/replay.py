@@ -159,7 +159,6 @@ def run_one(session: Session, variant: Variant, folder: Path, timeout: float) ->
 
     out = folder / f"{variant.name}.json"
     spec = {"out": str(out), "threads": variant.threads, **variant.settings}
-    start = time.perf_counter()
     try:
         done = subprocess.run(command(session), cwd=session.rootdir, env=_environment(variant, spec, folder),
                               capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -173,8 +172,7 @@ def run_one(session: Session, variant: Variant, folder: Path, timeout: float) ->
         trace = load(out)
     except GptTraceError as exc:
         return Replay(variant.name, variant.description, None, f"unreadable trace: {exc}")
-    return Replay(variant.name, variant.description, trace, environment=trace.environment,
-                  seconds=time.perf_counter() - start)
+    return Replay(variant.name, variant.description, trace, environment=trace.environment)
 
 
 def run_replays(session: Session, variants: Sequence[Variant], *, parallel: int | None = None,
