@@ -7,7 +7,10 @@ The variants of a CPU run (``plan_variants``):
   is imported, so only in a fresh process), and ``native`` with every cap removed when the recording
   run is itself capped. Each gets its own ``TORCHINDUCTOR_CACHE_DIR``: inductor's cache does not key
   on the cap, and a kernel built for a wider ISA must never run under a narrower one.
-- ``threads-N``: the other thread count (1 when the recording run has more, else 2).
+- ``threads-N``: the other thread count (1 when the recording run has more, else 2), and every
+  capped platform above at that count too (``cap-default+threads-1``): how a reduction splits over
+  threads and which kernel runs each part together decide its rounding, so neither bounds the other.
+- All of them but ``threads-N`` run at the recording's thread count.
 - ``dither-1`` ... ``dither-D``: every floating-point result perturbed by a random ulp
   (``dither.KernelDither``), each a draw of another machine's kernels. On a CPU that offers few ISA
   levels (AVX2 has one below it) these are what make the band wide enough for an unseen machine.
@@ -58,7 +61,7 @@ class Variant:
     name: str
     description: str
     env: Mapping[str, str | None] = field(default_factory=dict)  # None: remove the variable
-    threads: int = 1
+    threads: int = 1  # torch threads in the replay
     settings: Mapping[str, object] = field(default_factory=dict)  # applied inside the replay
 
 
@@ -93,28 +96,36 @@ def plan_variants(device_type: str, threads: int, *, dithers: int = DEFAULT_DITH
     """The variants to replay for a run on ``device_type`` with ``threads`` torch threads."""
     environ = os.environ if environ is None else environ
     dither = [Variant(f"dither-{d}", f"every floating-point result perturbed by a random ulp (seed {d})",
-                      settings={"dither": d}) for d in range(1, dithers + 1)]
+                      threads=threads, settings={"dither": d}) for d in range(1, dithers + 1)]
     if device_type == "cuda":
         return [
             Variant("tf32-off" if tf32 else "tf32-on", f"TF32 matmuls {'off' if tf32 else 'on'}",
-                    settings={"tf32": not tf32}),
-            Variant("sdpa-math", "the math scaled_dot_product_attention backend", settings={"sdpa": "math"}),
+                    threads=threads, settings={"tf32": not tf32}),
+            Variant("sdpa-math", "the math scaled_dot_product_attention backend", threads=threads,
+                    settings={"sdpa": "math"}),
             Variant("deterministic", "deterministic algorithms", env={"CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
-                    settings={"deterministic": True}),
+                    threads=threads, settings={"deterministic": True}),
             *dither,
         ]
     own = current_cap(environ)
-    variants = []
+    other = 1 if threads > 1 else 2
+    at_other = f"threads-{other}"
+    other_text = f"{other} torch thread{'s' if other > 1 else ''}"
+    # the platforms this run is not on: no cap (when it is capped) and every ISA level below the CPU's
+    platforms: list[tuple[str, str, dict[str, str | None]]] = []
     if own:
-        variants.append(Variant("native", "every kernel cap removed", env={k: None for k in CAP_VARIABLES}))
+        platforms.append(("native", "every kernel cap removed", {k: None for k in CAP_VARIABLES}))
     for level in cpu_levels(cpu_flags() if flags is None else flags):
         cap = CAPS[level]
         if {k: v for k, v in own.items() if k in cap} == cap:
             continue  # the recording run is capped there already
-        variants.append(Variant(f"cap-{level}", f"kernels capped at {level}",
-                                env={**{k: None for k in CAP_VARIABLES}, **cap}))
-    other = 1 if threads > 1 else 2
-    variants.append(Variant(f"threads-{other}", f"{other} torch thread{'s' if other > 1 else ''}", threads=other))
+        platforms.append((f"cap-{level}", f"kernels capped at {level}", {**{k: None for k in CAP_VARIABLES}, **cap}))
+    # each platform at both thread counts: a reduction's order depends on the ISA and the split
+    # together, so a kernel level measured at one thread count does not bound it at the other
+    variants = [Variant(name, text, env=env, threads=threads) for name, text, env in platforms]
+    variants.append(Variant(at_other, other_text, threads=other))
+    variants += [Variant(f"{name}+{at_other}", f"{text}, {other_text}", env=env, threads=other)
+                 for name, text, env in platforms]
     return variants + dither
 
 
@@ -177,7 +188,13 @@ def run_one(session: Session, variant: Variant, folder: Path, timeout: float) ->
 
 def run_replays(session: Session, variants: Sequence[Variant], *, parallel: int | None = None,
                 timeout: float = 1800.0) -> tuple[list[Replay], float]:
-    """Every variant's replay (in order) and the wall time they took together."""
+    """Every variant's replay (in order) and the wall time they took together.
+
+    ``parallel`` replays (the CPU count by default) run side by side even where their threads add
+    up to more than the cores: the thread count is fixed inside each, so the numbers do not change,
+    and most of a small replay is single-threaded start-up (two 2-thread replays of the tiny golden
+    on 2 AVX2 cores: 11.9 s side by side, 17.5 s one after the other).
+    """
     parallel = parallel or max(1, min(len(variants), os.cpu_count() or 1))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpttrace-replay-") as tmp:

@@ -221,14 +221,22 @@ def test_a_format_2_file_without_its_calibration_or_with_a_bad_band_is_refused(t
 
 # ----------------------------------------------------------------------------- the variants
 def test_the_variants_follow_the_cpu_and_the_run():
+    def plan(threads, **kw):
+        return [(v.name, v.threads) for v in plan_variants("cpu", threads, **kw)]
+
     avx2 = {"avx2", "fma"}
-    names = [v.name for v in plan_variants("cpu", 2, dithers=2, environ={}, flags=avx2)]
-    assert names == ["cap-default", "threads-1", "dither-1", "dither-2"]
+    # every platform at the run's thread count and at the other: the two interact in a reduction
+    assert plan(2, dithers=2, environ={}, flags=avx2) == [
+        ("cap-default", 2), ("threads-1", 1), ("cap-default+threads-1", 1), ("dither-1", 2), ("dither-2", 2)]
     amx = {"avx2", "avx512f", "amx_tile"}
-    names = [v.name for v in plan_variants("cpu", 1, dithers=1, environ={}, flags=amx)]
-    assert names == ["cap-default", "cap-avx2", "cap-avx512", "threads-2", "dither-1"]
-    capped = [v.name for v in plan_variants("cpu", 1, dithers=0, environ=CAPS["default"], flags=avx2)]
-    assert capped == ["native", "threads-2"]  # the run is capped at default already
+    assert plan(1, dithers=1, environ={}, flags=amx) == [
+        ("cap-default", 1), ("cap-avx2", 1), ("cap-avx512", 1), ("threads-2", 2),
+        ("cap-default+threads-2", 2), ("cap-avx2+threads-2", 2), ("cap-avx512+threads-2", 2), ("dither-1", 1)]
+    # a run capped at default already: the platform it is not on is the uncapped one
+    assert plan(1, dithers=0, environ=CAPS["default"], flags=avx2) == [
+        ("native", 1), ("threads-2", 2), ("native+threads-2", 2)]
+    native = next(v for v in plan_variants("cpu", 1, dithers=0, environ=CAPS["default"], flags=avx2))
+    assert all(native.env[k] is None for k in CAPS["default"])
     cuda = [v.name for v in plan_variants("cuda", 1, dithers=1, tf32=False)]
     assert cuda == ["tf32-on", "sdpa-math", "deterministic", "dither-1"]
     assert cpu_levels(set()) == ["default"]

@@ -394,7 +394,7 @@ def test_calibrated_golden_life_cycle(project):
     result = run(p, "--update-golden")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([
-        "*golden created (band of * replays (cap-default, threads-*, dither-1, dither-2), k 4.0, floor 4e-06, "
+        "*golden created (band of 5 replays (cap-default, threads-*, cap-default+threads-*, dither-1, dither-2), k 4.0, floor 4e-06, "
         "measured in * s)*",
     ])
     golden = p.path / GOLDEN
@@ -427,5 +427,5 @@ def test_calibrated_golden_life_cycle(project):
     run(p, "--gpt-trace").assert_outcomes(passed=1)
     done = p.run("gpttrace", "calibrate", "test_model.py", "--dithers", "0")
     assert done.ret == 0, done.stdout.str()
-    done.stdout.fnmatch_lines(["*golden recalibrated (band of * replays (cap-default, threads-*), *"])
+    done.stdout.fnmatch_lines(["*golden recalibrated (band of 3 replays (cap-default, threads-*, cap-default+threads-*), *"])
     assert "dither" not in json.loads(golden.read_text())["calibration"]["variants"].__repr__()
