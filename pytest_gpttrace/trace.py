@@ -94,6 +94,23 @@ class Iteration:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """How a Trace's numbers are known.
+
+    quantum: the largest rounding error of a printed statistic (0.0: exact, as a JSON trace);
+    complete: whether it lists every stage and section that was traced (a report shows a selection);
+    source: the format it was read from. Not written to the JSON format.
+    """
+
+    quantum: float = 0.0
+    complete: bool = True
+    source: str = "json"
+
+
+EXACT = Provenance()
+
+
+@dataclass(frozen=True)
 class Trace:
     config: Mapping[str, Any]
     environment: Mapping[str, Any]
@@ -106,6 +123,8 @@ class Trace:
     frozen_params: tuple[str, ...] = ()
     # where the bands came from (format 2); None for an uncalibrated trace
     calibration: Mapping[str, Any] | None = None
+    # how precisely the numbers are known and whether every stage is listed; not part of the JSON
+    provenance: Provenance = field(default=EXACT, compare=False)
 
     @property
     def calibrated(self) -> bool:
@@ -368,7 +387,10 @@ def read_text(path) -> str:
 
 
 def load(path) -> Trace:
-    return loads(read_text(path), file=Path(path))
+    """The trace file at path, JSON or Markdown: ``traceio.read_trace``."""
+    from .traceio import read_trace
+
+    return read_trace(path)
 
 
 def replace_stats(s: TensorStats, **changes) -> TensorStats:
