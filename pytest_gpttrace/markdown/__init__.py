@@ -20,8 +20,9 @@ A stat block is a ``#### `` heading followed by bullets
 and Max always, then RMS, Zero fraction and Non-finite (``NaN n, Inf m``) when known. Numbers
 print as ``%.6f`` (``nan``, ``inf``); an unknown statistic prints ``n/a``.
 
-``layout`` is the one description of the format both directions use; ``render`` writes it,
-``lex`` and ``parse`` read it. Reading a file goes through ``traceio.read_trace``.
+``layout`` is the one description of the format both directions use; ``render`` writes it;
+``lex`` splits a report into records, ``parse`` assembles them (``draft`` holds the statistics
+being assembled, each within its printed rounding). A file is read with ``traceio.read_trace``.
 """
 
 from __future__ import annotations

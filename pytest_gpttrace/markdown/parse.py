@@ -10,12 +10,12 @@ stages. Malformed input raises MarkdownParseError naming the file and the line.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
 from ..errors import MarkdownParseError
-from ..trace import Iteration, Provenance, TensorStats, Trace
+from ..trace import Iteration, Provenance, Trace
+from .draft import IterationDraft, Stats
 from .layout import (
     BACKWARD, BLOCK_MARKER, BULLET_BY_LABEL, BULLETS, CONFIG_ALIASES, CONFIG_ORDER, FORWARD_SECTION,
     GRADIENT_ENTRIES, HALF_ULP, LAYOUT, NO_GRADIENT, PARAM_GRAD_COLUMNS, SCALING, ANOMALIES, COMPLETE,
@@ -43,96 +43,6 @@ _SECTION_PATTERNS = [(section, stage_pattern(section.title)) for section in LAYO
 _ENTRY_PATTERNS = {section.title: [(e, stage_pattern(e.title.strip())) for e in section.entries] for section in LAYOUT}
 
 
-def _reconcile(candidates) -> float | None:
-    """One value consistent with every printed candidate (value, half-width); the most precise wins."""
-    cands = [(v, h) for v, h in candidates if v is not None]
-    if not cands:
-        return None
-    for v, _ in cands:
-        if not math.isfinite(v):
-            return v
-    cands.sort(key=lambda c: c[1])
-    lo, hi = max(v - h for v, h in cands), min(v + h for v, h in cands)
-    for v, _ in cands:
-        if lo <= v <= hi:
-            return v
-    return (lo + hi) / 2 if lo <= hi else cands[0][0]
-
-
-class _Stats:
-    """A TensorStats being assembled from a stat block, table rows and sparsity lines."""
-
-    def __init__(self, shape, dtype: str, device: str):
-        self.shape, self.dtype, self.device = tuple(shape), dtype, device
-        self.values: dict[str, float | None] = {}
-        self.rms: list = []
-        self.zero: list = []
-        self.nonfinite: tuple[int, int] | None = None
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def set(self, field: str, value):
-        if field == "rms":
-            self.rms.append((value, HALF_ULP))
-        elif field == "zero_frac":
-            self.zero.append((value, HALF_ULP))
-        elif field == "l2":
-            if value is not None and self.numel:
-                root = math.sqrt(self.numel)
-                self.rms.append((value / root, HALF_ULP / root))
-        elif field == "nonfinite":
-            self.nonfinite = self.nonfinite or value
-        elif self.values.get(field) is None:
-            self.values[field] = value
-
-    def zero_count(self, zeros: int):
-        if self.numel:
-            self.zero.append((zeros / self.numel, 0.5 / self.numel))
-
-    def build(self) -> TensorStats:
-        numel = self.numel
-        mean, std, lo, hi = (self.values.get(k) for k in ("mean", "std", "min", "max"))
-        if numel == 1 and std is not None and math.isnan(std):
-            std = 0.0
-        if self.nonfinite is not None:
-            nan, inf = self.nonfinite
-        else:
-            nan = int(any(v is not None and math.isnan(v) for v in (mean, lo, hi)))
-            inf = int(any(v is not None and math.isinf(v) for v in (lo, hi)))
-        zero = _reconcile(self.zero)
-        if zero is None:
-            zero = _zero_frac_from_range(lo, hi, numel)
-        return TensorStats(shape=self.shape, dtype=self.dtype, device=self.device, numel=numel,
-                           mean=mean, std=std, min=lo, max=hi, rms=_reconcile(self.rms), zero_frac=zero,
-                           nan=nan, inf=inf)
-
-
-def _zero_frac_from_range(lo, hi, numel) -> float | None:
-    if lo is None or hi is None or numel == 0 or math.isnan(lo) or math.isnan(hi):
-        return None
-    if lo > 0 or hi < 0 or (hi == 0 and math.copysign(1.0, hi) < 0):
-        return 0.0
-    if lo == 0 and hi == 0 and math.copysign(1.0, lo) > 0:
-        return 1.0
-    return None
-
-
-class _IterationDraft:
-    def __init__(self, pos: int):
-        self.pos = pos
-        self.index: int | None = None
-        self.loss: float | None = None
-        self.stepped: bool | None = None
-        self.completed = False
-        self.forward: dict[str, _Stats] = {}
-        self.stage_grads: dict[str, _Stats] = {}
-        self.param_grads: dict[str, _Stats | None] = {}
-
-
-
-
 class _Assembler:
     """Consumes the records in order; ``finish`` builds the Trace."""
 
@@ -144,7 +54,7 @@ class _Assembler:
         self.model = ""
         self.declared_iterations: tuple[int, int] | None = None
         self.parameters: dict[str, tuple[int, ...]] = {}
-        self.iterations: list[_IterationDraft] = []
+        self.iterations: list[IterationDraft] = []
         self.section: str | None = None
         self.layout_section: Section | None = None
         self.block: int | None = None  # the block the last block-level line named
@@ -216,10 +126,10 @@ class _Assembler:
         expected = len(self.iterations) + 1
         if pos != expected:
             self.fail(line, f"ITERATION {pos}/{total}: expected iteration {expected}")
-        self.iterations.append(_IterationDraft(pos))
+        self.iterations.append(IterationDraft(pos))
         self.section, self.layout_section, self.block = TRAINING, None, None
 
-    def current(self, line: int, what: str) -> _IterationDraft:
+    def current(self, line: int, what: str) -> IterationDraft:
         if not self.iterations:
             self.fail(line, f"{what} outside of an iteration (no 'ITERATION k/N' banner before it)")
         return self.iterations[-1]
@@ -239,7 +149,7 @@ class _Assembler:
         missing = [b.label for b in BULLETS if b.required and b.label not in bullets]
         if missing:
             self.fail(line, f"stat block '{title}' lacks the {', '.join(missing)} bullet{'s' * (len(missing) > 1)}")
-        stats = _Stats(bullets["Shape"], bullets["Dtype"], bullets["Device"])
+        stats = Stats(bullets["Shape"], bullets["Dtype"], bullets["Device"])
         for label, value in bullets.items():
             field = BULLET_BY_LABEL[label].field
             if field not in ("shape", "dtype", "device"):
@@ -287,7 +197,7 @@ class _Assembler:
         except ValueError:
             self.fail(line, f"{label}: expected a number (or nan, inf, n/a), got {short(value)}")
 
-    def place(self, it: _IterationDraft, title: str, stats: _Stats, line: int):
+    def place(self, it: IterationDraft, title: str, stats: Stats, line: int):
         if self.section == STAGES:
             it.forward.setdefault(title, stats)
         elif self.section == BACKWARD:
@@ -386,7 +296,7 @@ class _Assembler:
             else:
                 self.param_row(it, cells, row.line)
 
-    def row(self, columns, cells, line: int, stats: _Stats | None = None):
+    def row(self, columns, cells, line: int, stats: Stats | None = None):
         values = {}
         for (header, kind), cell in zip(columns, cells):
             if kind == "name":
@@ -402,13 +312,13 @@ class _Assembler:
             else:
                 values[kind] = self.number(cell, header, line)
         if stats is None:
-            stats = _Stats(values["shape"], values["dtype"], self.default_device())
+            stats = Stats(values["shape"], values["dtype"], self.default_device())
         for kind, value in values.items():
             if kind not in ("name", "shape", "dtype"):
                 stats.set(kind, value)
         return values["name"], stats
 
-    def param_row(self, it: _IterationDraft, cells: list[str], line: int):
+    def param_row(self, it: IterationDraft, cells: list[str], line: int):
         """A parameter row; the table's order wins over the gradient blocks above it."""
         name = cells[0]
         if len(cells) > 2 and cells[2] == NO_GRADIENT:
