@@ -10,6 +10,10 @@ one Iteration per traced forward/backward. An Iteration holds, in order:
 plus the loss, whether an optimizer step followed (``stepped``: None when unknown, as in a parsed
 seed report) and the learning rate of every param group.
 
+A Trace's ``provenance`` says how precisely its numbers are known and whether it lists every
+stage: exact and complete for a JSON trace, rounded and a selection for a parsed report. The
+comparison reads it; the JSON format does not carry it.
+
 The JSON format writes keys in a fixed order, one stage per line, and floats as Python's shortest
 round-trip repr, so a file reads back bit for bit and a golden change reads well in review.
 Non-finite floats are written as the strings "NaN", "Infinity" and "-Infinity".
@@ -107,9 +111,6 @@ class Provenance:
     source: str = "json"
 
 
-EXACT = Provenance()
-
-
 @dataclass(frozen=True)
 class Trace:
     config: Mapping[str, Any]
@@ -124,7 +125,7 @@ class Trace:
     # where the bands came from (format 2); None for an uncalibrated trace
     calibration: Mapping[str, Any] | None = None
     # how precisely the numbers are known and whether every stage is listed; not part of the JSON
-    provenance: Provenance = field(default=EXACT, compare=False)
+    provenance: Provenance = field(default_factory=Provenance, compare=False)
 
     @property
     def calibrated(self) -> bool:
