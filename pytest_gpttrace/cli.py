@@ -36,6 +36,9 @@ def _now() -> str:
 
 
 def cmd_run(args) -> int:
+    if args.json and args.markdown and _same_file(args.json, args.markdown):
+        raise SystemExit(_usage_error(f"run: --json and --markdown are both {args.markdown}: "
+                                      f"give the JSON trace and the Markdown report different files"))
     import torch
 
     from reference_model import GPT, GPTConfig, optimizers, synthetic_batches
@@ -72,6 +75,12 @@ def cmd_run(args) -> int:
     if not args.json and not args.markdown:
         sys.stdout.write(markdown.render(trace, **options))
     return EXIT_OK
+
+
+def _same_file(a: str, b: str) -> bool:
+    from pathlib import Path
+
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _check_device(name: str) -> None:

@@ -8,9 +8,10 @@ all zeros on one side and not on the other always differs (the zero-init pattern
 numerics). Stages present on one side only are reported. The environment is never compared.
 
 A section the golden does not record at all (a parsed seed report has no stage gradients, and only
-a loss for later iterations) is not compared: the golden says nothing there. A golden parsed from
-a Markdown report lists a selection of stages (the seed shows two parameter gradients): stages it
-does not list are not reported as extra.
+a loss for later iterations) is not compared: the golden says nothing there. A trace whose
+provenance is not complete (a parsed Markdown report shows a selection of stages: the seed has two
+parameter gradients) is not held to the stages it does not list, and a trace's provenance quantum
+(a report's %.6f rounding) widens every tolerance.
 
 Mismatches come out in execution order: iteration, then its forward stages (in the golden's
 order), its loss, its stage gradients (backward order), its parameter gradients. The first one is
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
 from .calibrate import effective_bands, scale
-from .markdown import HALF_ULP
 from .trace import TensorStats, Trace
 
 STATS = ("mean", "std", "min", "max", "rms", "zero_frac")
@@ -376,9 +376,9 @@ def compare(golden: Trace, obtained: Trace, profile: Profile | None = None) -> C
         resolve_profile(profile.name, golden)  # raises, saying how to calibrate
     worst = _Worst()
     mismatches: list[Mismatch] = []
-    partial = golden.environment.get("source") == "markdown"
-    partial_obtained = obtained.environment.get("source") == "markdown"
-    quantum = HALF_ULP if (partial or partial_obtained) else 0.0  # a report's %.6f rounding
+    partial = not golden.provenance.complete
+    partial_obtained = not obtained.provenance.complete
+    quantum = max(golden.provenance.quantum, obtained.provenance.quantum)  # e.g. a report's %.6f rounding
     n = max(len(golden.iterations), len(obtained.iterations))
     for i in range(n):
         if i >= len(golden.iterations) or i >= len(obtained.iterations):

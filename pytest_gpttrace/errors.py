@@ -8,7 +8,8 @@ class GptTraceError(Exception):
 
 
 class TraceFormatError(GptTraceError, ValueError):
-    """A trace file (JSON) is malformed: names the file, the JSON path and what was expected."""
+    """A trace file cannot be read (missing, not text) or its JSON is malformed: names the file,
+    the JSON path (empty when none applies) and what was expected."""
 
     def __init__(self, file, path: str, message: str):
         self.file, self.path, self.detail = file, path, message
@@ -17,15 +18,16 @@ class TraceFormatError(GptTraceError, ValueError):
         super().__init__(f"{where}{at}{message}")
 
 
-class MarkdownParseError(GptTraceError, ValueError):
-    """A seed-format Markdown trace cannot be read: names the file and the line."""
+class MarkdownParseError(TraceFormatError):
+    """A seed-format Markdown trace is malformed: names the file and the line."""
 
     def __init__(self, file, line: int | None, message: str):
         self.file, self.line, self.detail = file, line, message
+        self.path = f"line {line}" if line is not None else ""
         where = f"{file}" if file else "<markdown>"
         if line is not None:
             where += f":{line}"
-        super().__init__(f"{where}: {message}")
+        ValueError.__init__(self, f"{where}: {message}")
 
 
 class CaptureError(GptTraceError, RuntimeError):

@@ -19,8 +19,8 @@ from typing import Callable
 from .calibrate import Calibrated
 from .compare import Comparison, Override, check_same_config, compare, resolve_profile
 from .errors import GptTraceError
-from .trace import Trace, dumps, load
-from .traceio import write_text_atomic
+from .trace import Trace, dumps
+from .traceio import read_trace, write_text_atomic
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\[\]-]+")
 
@@ -115,7 +115,7 @@ class GoldenTrace:
         golden = None
         if self.path.exists():
             try:
-                golden = load(self.path)
+                golden = read_trace(self.path)
             except GptTraceError as exc:
                 self.error = exc
         if self.update:

@@ -371,16 +371,13 @@ def _marker_tolerances(request, tolerances) -> list:
 
 
 def _write_report(settings, nodeid, trace):
-    from . import markdown
+    from .anomalies import detect, render_markdown
     from .golden import golden_relpath
-    from .trace import dumps
-    from .traceio import write_text_atomic
+    from .traceio import write_trace
 
     base = settings.report_dir / golden_relpath(nodeid, str(trace.environment.get("device_type", "cpu")))
-    write_text_atomic(base, dumps(trace))
-    from .anomalies import detect, render_markdown
-
-    write_text_atomic(base.with_suffix(".md"), markdown.render(trace, anomalies=render_markdown(detect(trace))))
+    write_trace(base, trace, "json")
+    write_trace(base.with_suffix(".md"), trace, "markdown", anomalies=render_markdown(detect(trace)))
 
 
 # --------------------------------------------------------------------------- reporting

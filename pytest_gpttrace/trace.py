@@ -10,6 +10,10 @@ one Iteration per traced forward/backward. An Iteration holds, in order:
 plus the loss, whether an optimizer step followed (``stepped``: None when unknown, as in a parsed
 seed report) and the learning rate of every param group.
 
+A Trace's ``provenance`` says how precisely its numbers are known and whether it lists every
+stage: exact and complete for a JSON trace, rounded and a selection for a parsed report. The
+comparison reads it; the JSON format does not carry it.
+
 The JSON format writes keys in a fixed order, one stage per line, and floats as Python's shortest
 round-trip repr, so a file reads back bit for bit and a golden change reads well in review.
 Non-finite floats are written as the strings "NaN", "Infinity" and "-Infinity".
@@ -94,6 +98,20 @@ class Iteration:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """How a Trace's numbers are known.
+
+    quantum: the largest rounding error of a printed statistic (0.0: exact, as a JSON trace);
+    complete: whether it lists every stage and section that was traced (a report shows a selection);
+    source: the format it was read from. Not written to the JSON format.
+    """
+
+    quantum: float = 0.0
+    complete: bool = True
+    source: str = "json"
+
+
+@dataclass(frozen=True)
 class Trace:
     config: Mapping[str, Any]
     environment: Mapping[str, Any]
@@ -106,6 +124,8 @@ class Trace:
     frozen_params: tuple[str, ...] = ()
     # where the bands came from (format 2); None for an uncalibrated trace
     calibration: Mapping[str, Any] | None = None
+    # how precisely the numbers are known and whether every stage is listed; not part of the JSON
+    provenance: Provenance = field(default_factory=Provenance, compare=False)
 
     @property
     def calibrated(self) -> bool:
@@ -368,7 +388,10 @@ def read_text(path) -> str:
 
 
 def load(path) -> Trace:
-    return loads(read_text(path), file=Path(path))
+    """The trace file at path, JSON or Markdown: ``traceio.read_trace``."""
+    from .traceio import read_trace
+
+    return read_trace(path)
 
 
 def replace_stats(s: TensorStats, **changes) -> TensorStats:

@@ -1,5 +1,7 @@
 """Reading and writing trace files in either format, JSON or seed-format Markdown.
 
+``read_trace`` is the one reader of a trace file.
+
 Writes are atomic (a temporary file in the same folder, then a rename) and happen only when the
 content changes, so an unchanged golden keeps its mtime and makes no churn in git.
 """
@@ -11,20 +13,29 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import TraceFormatError
 from .trace import Trace, dumps, loads, read_text
 
 MARKDOWN_SUFFIXES = (".md", ".markdown", ".txt")
 
 
 def read_trace(path) -> Trace:
-    """A Trace from a JSON trace or a seed-format Markdown report (told apart by content)."""
+    """The trace file at path, JSON or a seed-format Markdown report, told apart by content.
+
+    A file whose first non-blank character is ``{`` (or ``[``, to say a JSON list is no trace)
+    is JSON, any other a report, whatever its suffix. Every failure is a TraceFormatError naming
+    the file: a missing, empty or unreadable file, malformed JSON (with the JSON path) or a
+    malformed report (a MarkdownParseError, with the line).
+    """
     path = Path(path)
     text = read_text(path)
-    if text.lstrip().startswith("{") or path.suffix == ".json":
+    if not text.strip():
+        raise TraceFormatError(path, "", "the file is empty: expected a JSON trace or a Markdown report")
+    if text.lstrip()[:1] in ("{", "["):
         return loads(text, file=path)
-    from . import markdown
+    from .markdown import parse
 
-    return markdown.parse(text, file=path)
+    return parse(text, file=path)
 
 
 def format_for(path) -> str:

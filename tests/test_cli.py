@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -183,3 +184,34 @@ def test_a_trace_matches_its_markdown_conversion_both_ways(tmp_path, capsys):
     js.write_text(json.dumps(doc))
     assert main(["diff", str(md), str(js)]) == 1
     assert "first divergence: blocks.0.attn.q (forward), iteration 0, std" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("markdown_path", ["t.json", "./t.json", "sub/../t.json"])
+def test_run_refuses_one_file_for_both_the_json_and_the_markdown(tmp_path, markdown_path):
+    (tmp_path / "sub").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest_gpttrace.cli", "run", "--depth", "1", "--sequence-len", "8",
+         "--vocab-size", "64", "--iterations", "1", "--json", "t.json", "--markdown", markdown_path],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"gpttrace: error: run: --json and --markdown are both {markdown_path}")
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_diff_reads_a_markdown_golden_whatever_its_suffix(tmp_path, capsys):
+    golden = tmp_path / "golden.json"
+    golden.write_text(SEED.read_text())  # a Markdown report under a .json name
+    assert main(["diff", str(golden), str(SEED)]) == 0, capsys.readouterr()
+    assert capsys.readouterr().out.startswith(f"trace matches {golden}")
+    assert main(["show", str(golden)]) == 0
+    assert capsys.readouterr().out.startswith("# GPT Component Debug Trace")
+
+
+def test_an_empty_trace_file_names_neither_format_wrongly(tmp_path, capsys):
+    path = tmp_path / "empty.json"
+    path.write_text("\n")
+    assert main(["show", str(path)]) == 2
+    assert capsys.readouterr().err == f"gpttrace: error: {path}: the file is empty: expected a JSON trace or a Markdown report\n"

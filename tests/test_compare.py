@@ -151,3 +151,34 @@ def test_a_stage_that_differs_in_several_iterations_counts_once():
     assert result.distinct_stages == [("forward", "a")] and len(result.stages_differing) == 2
     line = render_comparison(result, golden_name="g.json")[0]
     assert line.startswith("1 stage out of tolerance in 2 stage-iterations (profile exact); first divergence: a (forward)")
+
+
+def test_provenance_not_the_environment_says_how_precise_and_how_complete_a_trace_is():
+    from dataclasses import replace
+
+    from pytest_gpttrace.trace import Provenance
+
+    golden = trace(it(0, 1.0, {"x": S}))
+    obtained = trace(it(0, 1.0 + 4e-4, {"x": replace_stats(S, mean=S.mean + 4e-4), "y": S}))
+    assert {m.stat for m in compare(golden, obtained, EXACT).mismatches} == {"mean", "loss", "presence"}
+    labelled = replace(golden, environment={"source": "markdown"})  # a label only: it changes nothing
+    assert compare(labelled, obtained, EXACT).mismatches == compare(golden, obtained, EXACT).mismatches
+    rounded = replace(golden, provenance=Provenance(quantum=5e-4, complete=False, source="report"))
+    assert compare(rounded, obtained, EXACT).ok
+    assert compare(replace(golden, provenance=Provenance(quantum=5e-4)), obtained, EXACT).mismatches[0].stat == "presence"
+    assert not compare(replace(golden, provenance=Provenance(quantum=1e-4, complete=False)), obtained, EXACT).ok
+
+
+def test_the_comparison_golden_and_plugin_import_no_markdown():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, pytest_gpttrace.compare, pytest_gpttrace.golden, pytest_gpttrace.plugin, pytest_gpttrace.traceio;"
+            "loaded = sorted(m for m in sys.modules if m.startswith('pytest_gpttrace.markdown'));"
+            "assert not loaded, loaded")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr

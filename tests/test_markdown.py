@@ -1,5 +1,6 @@
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -7,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_gpttrace import markdown
-from pytest_gpttrace.errors import MarkdownParseError
-from pytest_gpttrace.trace import Iteration, TensorStats, Trace, dumps, loads
+from pytest_gpttrace.errors import MarkdownParseError, TraceFormatError
+from pytest_gpttrace.trace import Iteration, TensorStats, Trace, dumps, loads, replace_stats
 
 SEED = Path(__file__).parent / "data" / "seed_trace.md"
 SEED_BULLETS = ("Shape", "Dtype", "Device", "Mean", "Std", "Min", "Max")
@@ -336,7 +337,7 @@ def test_load_reads_a_file_and_names_it_in_errors(tmp_path):
     path = tmp_path / "t.md"
     path.write_text(markdown.render(user_trace(), generated="t"), encoding="utf-8")
     assert list(markdown.load(path).iterations[0].forward)[0] == "tok_emb"
-    with pytest.raises(MarkdownParseError, match="no such file"):
+    with pytest.raises(TraceFormatError, match="missing.md: no such file"):  # the one error of every reader
         markdown.load(tmp_path / "missing.md")
 
 
@@ -459,3 +460,110 @@ def test_render_is_deterministic_unless_given_a_time():
     assert markdown.render(trace) == markdown.render(trace)
     assert "**Generated**: n/a" in markdown.render(trace)
     assert "**Generated**: 2025-11-01 14:32:09" in markdown.render(trace, generated=datetime(2025, 11, 1, 14, 32, 9))
+
+
+# ----------------------------------------------------------------------------- the lexer, provenance, reading
+def test_the_lexer_yields_frozen_records_with_line_numbers(seed_text):
+    import dataclasses
+
+    from pytest_gpttrace.markdown import lex
+
+    records = list(lex.lex(seed_text))
+    lines = seed_text.splitlines()
+    blocks = [r for r in records if isinstance(r, lex.StatBlock)]
+    assert len(blocks) == 117
+    assert [r.line for r in records] == sorted(r.line for r in records)
+    for r in records:
+        assert dataclasses.is_dataclass(r) and r.line >= 1
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            r.line = 0
+    first = blocks[0]
+    assert lines[first.line - 1].startswith("#### ") and first.title in lines[first.line - 1]
+    assert [lines[b.line - 1] for b in first.bullets] == [b.text for b in first.bullets]
+    assert [b.text.split("**")[1] for b in first.bullets][:3] == ["Shape", "Dtype", "Device"]
+    banners = [r for r in records if isinstance(r, lex.Banner)]
+    assert [(b.pos, b.total) for b in banners] == [(1, 3), (2, 3), (3, 3)]
+    assert [r.pos for r in records if isinstance(r, lex.Completion)] == [1, 2, 3]
+
+
+def test_the_lexer_skips_the_scaling_and_anomaly_sections():
+    from pytest_gpttrace.markdown import lex
+
+    md = markdown.render(reference_trace(1), anomalies="#### Loss is flat\n\n- **Mean**: not a number", generated="t")
+    titles = [r.title for r in lex.lex(md) if isinstance(r, lex.SectionHeading)]
+    assert "ANOMALIES" in titles and titles[-1] == "TRAINING COMPLETE"
+    assert not any(isinstance(r, lex.StatBlock) and r.title == "Loss is flat" for r in lex.lex(md))
+
+
+def test_a_parsed_report_says_its_numbers_are_rounded_and_its_stages_a_selection(seed):
+    from pytest_gpttrace.trace import Provenance
+
+    assert seed.provenance == Provenance(quantum=markdown.HALF_ULP, complete=False, source="markdown")
+    assert markdown.HALF_ULP == 5e-7
+    assert loads(dumps(seed)).provenance == Provenance()  # JSON does not carry it
+    assert '"provenance"' not in dumps(seed)
+
+
+def test_a_markdown_file_named_json_is_read_by_its_content(tmp_path, seed_text):
+    from pytest_gpttrace.traceio import read_trace
+
+    path = tmp_path / "golden.json"
+    path.write_text(seed_text, encoding="utf-8")
+    assert dumps(read_trace(path)) == dumps(markdown.parse(seed_text))
+    assert read_trace(path).provenance.source == "markdown"
+    path.write_text("\n  " + dumps(markdown.parse(seed_text)), encoding="utf-8")  # JSON, whatever the suffix
+    assert read_trace(path).provenance.source == "json"
+
+
+def test_every_reader_raises_one_error_for_a_missing_file(tmp_path):
+    from pytest_gpttrace.trace import load
+    from pytest_gpttrace.traceio import read_trace
+
+    for read in (read_trace, load, markdown.load):
+        with pytest.raises(TraceFormatError, match="nope.md: no such file") as info:
+            read(tmp_path / "nope.md")
+        assert type(info.value) is TraceFormatError
+
+
+def test_a_malformed_report_is_a_trace_format_error_naming_the_line(tmp_path, seed_text):
+    from pytest_gpttrace.traceio import read_trace
+
+    text, line = replace_line(seed_text, lambda l: "**Mean**" in l, '- **Mean**: <span style="color: #5faf00">abc</span>')
+    path = tmp_path / "t.md"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(TraceFormatError) as info:
+        read_trace(path)
+    assert isinstance(info.value, MarkdownParseError) and info.value.path == f"line {line}"
+    assert str(info.value).startswith(f"{path}:{line}: Mean: expected a number")
+
+
+def golden_for(tmp_path):
+    from pytest_gpttrace.golden import GoldenTrace
+
+    return GoldenTrace("tests/test_x.py::test_y", tmp_path / "golden", tmp_path / "results", tmp_path)
+
+
+def test_the_golden_check_reads_a_markdown_golden(tmp_path):
+    trace = reference_trace(2)
+    golden = golden_for(tmp_path)
+    path = golden.path_for(trace)
+    path.parent.mkdir(parents=True)
+    path.write_text(markdown.render(trace, all_iterations=True, generated="t"), encoding="utf-8")
+    assert golden == trace and golden.error is None
+    it = trace.iterations[0]
+    bumped = replace(it, forward={**it.forward, "loss": replace_stats(it.forward["loss"], mean=it.forward["loss"].mean + 1)})
+    other = golden_for(tmp_path)
+    assert not (other == replace(trace, iterations=(bumped, *trace.iterations[1:])))
+    assert any("loss" in line for line in other.failure)
+
+
+def test_a_malformed_markdown_golden_names_its_line(tmp_path, seed_text):
+    trace = reference_trace(1)
+    golden = golden_for(tmp_path)
+    path = golden.path_for(trace)
+    path.parent.mkdir(parents=True)
+    md = markdown.render(trace, generated="t")
+    text, line = replace_line(md, lambda l: "**Std**" in l, "- **Std**: ")
+    path.write_text(text, encoding="utf-8")
+    assert not (golden == trace)
+    assert golden.failure[0].endswith(f"at line {line}: Std: missing value")

@@ -83,3 +83,15 @@ def test_frozen_params_round_trip_and_are_omitted_when_there_are_none():
     assert "frozen_params" not in plain and loads(plain).frozen_params == ()
     with pytest.raises(TraceFormatError, match=r"\$\.frozen_params: expected a list of parameter names"):
         loads(text.replace('["wte.weight"]', '[1]'), "t.json")
+
+
+def test_provenance_defaults_to_exact_and_complete_and_is_not_written():
+    from dataclasses import replace
+
+    from pytest_gpttrace.trace import Provenance
+
+    trace = Trace(config={}, environment={}, iterations=())
+    assert trace.provenance == Provenance(quantum=0.0, complete=True, source="json")
+    rounded = replace(trace, provenance=Provenance(quantum=5e-7, complete=False, source="markdown"))
+    assert dumps(rounded) == dumps(trace) and rounded == trace
+    assert loads(dumps(rounded)).provenance == Provenance()
