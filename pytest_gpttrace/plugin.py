@@ -544,7 +544,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         golden = f"golden {s['golden']}" if s["golden"] else "no golden"
         status = s["out_of_tolerance"]
         if status.startswith("golden "):  # created, updated, missing, ...: the status names the file itself
-            status, golden = status, None
+            golden = None
         tr.write_line(f"{s['nodeid']}: {s['stages']} stages, {s['iterations']} iterations, {loss}, "
                       f"{', '.join(filter(None, (status, golden)))}, "
                       f"{len(s.get('anomalies', ()))} warnings/errors, {s.get('infos', 0)} infos")
