@@ -7,18 +7,20 @@
     gpttrace check TRACE           anomalies with diagnoses (exit 1 when any is an error)
 
 Exit codes: 0 ok, 1 the traces differ (diff) or an anomaly is an error (check), 2 usage or input
-error (one line on stderr).
+error (one line on stderr), 141 stdout closed early (``gpttrace diff A B | head``; nothing printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import datetime, timezone
 
 from .errors import GptTraceError
 
 EXIT_OK, EXIT_DIFFER, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command killed by SIGPIPE
 
 
 def _positive(value: str) -> int:
@@ -253,11 +255,29 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the flush at exit
+        return code
     except GptTraceError as exc:
         return _usage_error(str(exc))
+    except BrokenPipeError:  # the reader of stdout went away: end quietly
+        return _exit_on_broken_pipe()
     except OSError as exc:
         return _usage_error(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+
+
+def _exit_on_broken_pipe() -> int:
+    """The reader went away (``gpttrace diff A B | head``): stop quietly, as a shell tool does.
+
+    Python flushes stdout again at exit; pointing it at devnull keeps that flush from failing a
+    second time (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

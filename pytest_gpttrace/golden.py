@@ -20,31 +20,49 @@ from .calibrate import Calibrated
 from .compare import Comparison, Override, check_same_config, compare, resolve_profile
 from .errors import GptTraceError
 from .trace import Trace, dumps
-from .traceio import read_trace, write_text_atomic
+from .traceio import WriteError, read_trace, write_text_atomic
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\[\]-]+")
+MAX_NAME_BYTES = 120  # one path component, hash suffix and ".json" included: far below any file system's 255
 
 
-def _safe(part: str) -> str:
-    """A file-name-safe part; a short hash of the original keeps two different parts apart."""
-    clean = _UNSAFE.sub("_", part).strip("._") or "_"
-    if clean != part:
-        clean += "-" + hashlib.sha1(part.encode()).hexdigest()[:8]
+def _hash(part: str) -> str:
+    return hashlib.sha1(part.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+def _safe(part: str, limit: int = MAX_NAME_BYTES) -> str:
+    """A file-name-safe part of at most ``limit`` bytes.
+
+    A part that is already safe, lowercase and short is kept as it is (existing goldens never move).
+    Any other part gets a short hash of the original appended: one with unsafe characters, one cut
+    to length, and one with uppercase letters, so two ids that differ only in case still get two
+    files on a case-insensitive file system (macOS, Windows).
+    """
+    clean = _UNSAFE.sub("_", part).strip("._") or "_"  # ASCII only: a byte per character
+    if clean != part or clean != clean.lower() or len(clean) > limit:
+        suffix = "-" + _hash(part)
+        if len(clean) > limit - len(suffix):
+            clean = clean[: limit - len(suffix)].rstrip("._") or "_"
+        clean += suffix
     return clean
 
 
 def golden_relpath(nodeid: str, device_type: str = "cpu") -> Path:
-    """tests/test_m.py::TestC::test_f[p] -> tests/test_m/TestC/test_f[p] as a sanitised relative path.
+    """tests/test_m.py::TestC::test_f[p] -> tests/test_m/TestC-<hash>/test_f[p] as a sanitised relative path.
 
+    The result always lies inside the folder it is joined to: every component is sanitised, none is
+    "." or "..", and each is at most MAX_NAME_BYTES bytes. A ``..`` of a test file outside rootdir
+    becomes a hashed component of its own, so ``../x/t.py`` and ``x/t.py`` get different goldens.
     Non-CPU runs get the device type in the name, so a CPU golden is never compared with a CUDA run.
     """
     path, _, rest = nodeid.partition("::")
-    parts = [p for p in Path(path).with_suffix("").parts if p not in ("", ".", "..")]
+    parts = [p for p in Path(path).parts if p not in ("", ".")]
+    if parts and parts[-1] != "..":
+        parts[-1] = Path(parts[-1]).stem or parts[-1]
     names = rest.split("::") if rest else ["module"]
     *classes, func = names
-    stem = _safe(func)
-    if device_type != "cpu":
-        stem += f".{_safe(device_type)}"
+    device = f".{_safe(device_type, 32)}" if device_type != "cpu" else ""
+    stem = _safe(func, MAX_NAME_BYTES - len(device) - len(".json")) + device
     return Path(*[_safe(p) for p in parts], *[_safe(c) for c in classes], stem + ".json")
 
 
@@ -106,6 +124,15 @@ class GoldenTrace:
         return compare(golden, obtained, resolve_profile(self.profile_name, golden, self.overrides))
 
     def matches(self, obtained: Trace) -> bool:
+        try:
+            return self._matches(obtained)
+        except WriteError as exc:  # an unwritable folder, a file in the way: one line, the file and why
+            target = Path(exc.filename)
+            what = "golden trace" if self.golden_dir in target.parents else "trace"
+            self.failure = [f"cannot write {what} {self.display(target)}: {exc.strerror}"]
+            return False
+
+    def _matches(self, obtained: Trace) -> bool:
         self.obtained = obtained
         self.path = self.path_for(obtained)
         self.failure = None

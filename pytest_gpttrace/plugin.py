@@ -137,12 +137,21 @@ def pytest_configure(config):
         return (rootdir / value) if not Path(value).is_absolute() else Path(value)
 
     report = config.getoption("gpt_trace_report")
+    golden_dir = folder("gpt_trace_golden_dir", "gpt_trace_golden_dir")
+    results_dir = folder("gpt_trace_results_dir", "gpt_trace_results_dir")
+    report_dir = Path(report).resolve() if report else None
+    from .folders import folder_conflict
+
+    conflict = folder_conflict(golden_dir, "--gpt-trace-golden-dir / gpt_trace_golden_dir", [
+        ("--gpt-trace-report", report_dir), ("--gpt-trace-results-dir / gpt_trace_results_dir", results_dir)], rootdir)
+    if conflict:
+        raise pytest.UsageError(conflict)
     settings = config.stash[_SETTINGS] = _Settings(
         enabled=enabled,
         update=bool(update),
-        golden_dir=folder("gpt_trace_golden_dir", "gpt_trace_golden_dir"),
-        results_dir=folder("gpt_trace_results_dir", "gpt_trace_results_dir"),
-        report_dir=Path(report).resolve() if report else None,
+        golden_dir=golden_dir,
+        results_dir=results_dir,
+        report_dir=report_dir,
         profile=profile,
         tolerances=tolerances,
         iterations=iterations,
@@ -466,17 +475,20 @@ def _summary(item, trace, golden) -> dict:
     if golden is None or golden.path is None:
         out_of_tol = "not compared"
     elif golden.written:
-        out_of_tol = f"golden {golden.written}"
+        out_of_tol = f"golden {golden.written}: {golden.display(golden.path)}"
         if golden.calibration_note:
             out_of_tol += f" ({golden.calibration_note})"
     elif golden.comparison is not None:
-        out_of_tol = f"{len(golden.comparison.distinct_stages)} out of tolerance"
+        from .report import out_of_tolerance
+
+        out_of_tol = out_of_tolerance(golden.comparison)
         if golden.comparison.ok and golden.comparison.worst is not None:
             out_of_tol += f" ({golden.comparison.profile.name}; {golden.comparison.worst.describe()})"
     elif golden.error is not None:
-        out_of_tol = "golden malformed"
+        out_of_tol = f"golden malformed: {golden.display(golden.path)}"
     elif golden.failure:
-        out_of_tol = "golden missing" if not golden.path.exists() else "golden of another config"
+        out_of_tol = ("golden missing" if not golden.path.exists() else "golden of another config") + \
+            f": {golden.display(golden.path)}"
     else:
         out_of_tol = "0 out of tolerance"
     return {
@@ -527,8 +539,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for s in summaries:
         loss = f"loss {s['loss'][0]:.6f} -> {s['loss'][1]:.6f}" if s["loss"] else "no loss"
         golden = f"golden {s['golden']}" if s["golden"] else "no golden"
+        status = s["out_of_tolerance"]
+        if status.startswith("golden "):  # created, updated, missing, ...: the status names the file itself
+            golden = None
         tr.write_line(f"{s['nodeid']}: {s['stages']} stages, {s['iterations']} iterations, {loss}, "
-                      f"{s['out_of_tolerance']}, {golden}, "
+                      f"{', '.join(filter(None, (status, golden)))}, "
                       f"{len(s.get('anomalies', ()))} warnings/errors, {s.get('infos', 0)} infos")
         for severity, rule, symptom, where in s.get("anomalies", ()):
             tr.write_line(f"    {severity} [{rule}] {symptom}" + (f" ({where})" if where and where not in symptom else ""))

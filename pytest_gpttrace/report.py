@@ -57,18 +57,37 @@ def environment_line(name: str, env: Mapping) -> str:
     return f"{name}: " + (", ".join(parts) if parts else "not recorded")
 
 
+def traced_tensors(comparison: Comparison) -> int:
+    """How many tensors the traces record: forward stages, stage and parameter gradients, and the loss,
+    each counted once however many iterations it appears in; the unit the headline counts in."""
+    keys = set()
+    for trace in (comparison.golden, comparison.obtained):
+        for it in trace.iterations:
+            for section in ("forward", "stage_grads", "param_grads"):
+                keys.update((section, name) for name in getattr(it, section))
+            if it.loss is not None:
+                keys.add(("loss", "loss"))
+    return len(keys | set(comparison.distinct_stages))
+
+
+def out_of_tolerance(comparison: Comparison) -> str:
+    """'75 of 120 traced tensors out of tolerance': the count, and what it counts."""
+    total = traced_tensors(comparison)
+    return f"{len(comparison.distinct_stages)} of {total} traced tensor{'s' if total != 1 else ''} out of tolerance"
+
+
 def render_comparison(comparison: Comparison, *, golden_name: str, obtained_name: str | None = None,
                       accept_command: str | None = None, max_rows: int = MAX_ROWS) -> list[str]:
-    """Lines of the failure report; the first says how many stages differ and where it starts."""
+    """Lines of the failure report; the first says how many traced tensors differ and where it starts."""
     if comparison.ok:
         worst = f"; {comparison.worst.describe()}" if comparison.worst else ""
         return [f"trace matches {golden_name} (profile {comparison.profile.name}){worst}"]
     calibrated = comparison.profile.calibrated
     first = comparison.first
-    n_stages, n_pairs = len(comparison.distinct_stages), len(comparison.stages_differing)
-    across = f" in {n_pairs} stage-iterations" if n_pairs != n_stages else ""
+    n_tensors, n_pairs = len(comparison.distinct_stages), len(comparison.stages_differing)
+    across = f" in {n_pairs} tensor-iterations" if n_pairs != n_tensors else ""
     lines = [
-        f"{n_stages} stage{'s' if n_stages != 1 else ''} out of tolerance{across} "
+        f"{out_of_tolerance(comparison)}{across} "
         f"(profile {comparison.profile.name}); first divergence: {first.where}, {first.stat}",
         f"golden: {golden_name}",
     ]
@@ -99,10 +118,11 @@ def render_drift(comparison: Comparison, *, max_rows: int = 5) -> list[str]:
         return m.difference / m.allowed
 
     ranked = sorted(comparison.mismatches, key=lambda m: -severity(m))
-    n_stages = len(comparison.distinct_stages)
+    total = traced_tensors(comparison)
     first = comparison.first
     unit = "x band" if comparison.profile.calibrated else "x allowed"
-    lines = [f"the old golden differs in {n_stages} stage{'s' if n_stages != 1 else ''} "
+    lines = [f"the old golden differs in {len(comparison.distinct_stages)} of {total} traced "
+             f"tensor{'s' if total != 1 else ''} "
              f"(profile {comparison.profile.name}), first at {first.where}, {first.stat}; worst rows:"]
     rows = []
     for m in ranked[:max_rows]:

@@ -28,6 +28,8 @@ chunks' pairwise float32 sums in float64. Counts are exact on both.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import threading
@@ -161,11 +163,12 @@ class _Compiled:
             return None
         try:
             if key in self._built:
-                return self.function()(x)
+                with _compiler_logs_muted():  # a new shape may still recompile
+                    return self.function()(x)
             # torch's compiler stack emits its own deprecation warnings while it builds a kernel;
             # under a test run's filterwarnings=error they would turn into a failed compile. Only
             # the first call per device and dtype compiles, so only it silences warnings.
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _compiler_logs_muted():
                 warnings.simplefilter("ignore")
                 out = self.function()(x)
             self._built.add(key)
@@ -173,6 +176,19 @@ class _Compiled:
         except Exception as exc:  # no C++ compiler, an inductor limitation: eager is always correct
             self.failures[key] = f"{type(exc).__name__}: {_first_line(exc)}"
             return None
+
+
+@contextlib.contextmanager
+def _compiler_logs_muted():
+    """Keep the compiler's trace records (empty DEBUG lines of ``torch.__trace``) out of the log
+    a test run captures and shows with a failure; the logger's own settings come back afterwards."""
+    logger = logging.getLogger("torch.__trace")
+    propagate, disabled = logger.propagate, logger.disabled
+    logger.propagate, logger.disabled = False, True
+    try:
+        yield
+    finally:
+        logger.propagate, logger.disabled = propagate, disabled
 
 
 def _first_line(exc: BaseException) -> str:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 
-from .errors import TraceFormatError
+from .errors import GptTraceError, TraceFormatError
 from .trace import Trace, dumps, loads, read_text
 
 MARKDOWN_SUFFIXES = (".md", ".markdown", ".txt")
@@ -50,14 +52,23 @@ def render_trace(trace: Trace, fmt: str, **markdown_options) -> str:
     return markdown.render(trace, **markdown_options)
 
 
+def _read_umask() -> int:
+    """The process umask, read once: setting it to read it is process-wide, so never do it again."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+STALE_TEMP_SECONDS = 60.0  # a temporary file older than this is left over from a killed writer
+
+
 def _mode_for(path: Path) -> int:
     """The existing file's permissions, else what open() would give under the umask."""
     try:
         return path.stat().st_mode & 0o777
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_UMASK
 
 
 def check_writable(path, what: str) -> None:
@@ -74,27 +85,109 @@ def check_writable(path, what: str) -> None:
         raise OSError(errno.EACCES, f"{what} {path}: folder {parent} is not writable", str(path))
 
 
+class WriteError(GptTraceError, OSError):
+    """A trace file that could not be written: its first line names the file and the cause."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+def _write_error(path: Path, exc: OSError) -> WriteError:
+    cause = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST) or (exc.errno == errno.ENOENT and _file_in_the_way(path)):
+        blocker = _file_in_the_way(path)
+        if blocker is not None:
+            cause = f"{blocker.name!r} on its path is a file, not a folder"
+    elif exc.errno == errno.EISDIR or path.is_dir():
+        cause = "it is a folder; give a file path"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        cause = f"its folder is not writable ({exc.strerror})"
+    return WriteError(exc.errno or errno.EIO, cause, str(path))
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def sweep_stale_temps(folder, now: float | None = None, age: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Remove ``.NAME.*.tmp`` files older than ``age`` seconds that a killed writer left; returns them."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not _TEMP.fullmatch(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > age:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            pass  # another writer's, or gone already
+    return removed
+
+
+_TEMP = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable; some systems cannot open or sync a folder, which is fine."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path, text: str) -> bool:
-    """Write text to path atomically; returns False (and leaves the file alone) when unchanged."""
+    """Write text to path atomically and durably; returns False (and leaves the file alone) when unchanged.
+
+    The text goes to a temporary file in the same folder, which is synced to disk and renamed over
+    path; the folder is synced after the rename. A failure raises WriteError naming path and the cause.
+    """
     path = Path(path)
     try:
         if path.read_text(encoding="utf-8") == text:
             return False
-    except (FileNotFoundError, UnicodeDecodeError, IsADirectoryError):
+    except (FileNotFoundError, UnicodeDecodeError, IsADirectoryError, NotADirectoryError):
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    if path.is_dir():
+        raise WriteError(errno.EISDIR, "it is a folder; give a file path", str(path))
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temps(path.parent)
+        mode = _mode_for(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            os.chmod(tmp, mode)  # mkstemp makes 0600; a golden is an ordinary file
             f.write(text)
-        os.chmod(tmp, _mode_for(path))  # mkstemp makes 0600; a golden is an ordinary file
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        tmp = None
+        _fsync_folder(path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
     return True
 
 

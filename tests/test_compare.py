@@ -138,7 +138,7 @@ def test_report_is_capped_and_ends_with_the_remedy():
     lines = render_comparison(compare(trace(it(forward=forward)), trace(it(forward=moved))),
                               golden_name="golden/x.json", obtained_name=".gpttrace-results/x.json",
                               accept_command="pytest --gpt-trace --update-golden 'x'")
-    assert lines[0] == "30 stages out of tolerance (profile exact); first divergence: s0 (forward), iteration 0, std"
+    assert lines[0] == "30 of 31 traced tensors out of tolerance (profile exact); first divergence: s0 (forward), iteration 0, std"
     assert "  (+10 more: gpttrace diff GOLDEN OBTAINED lists them all)" in lines  # 30 mismatches, 20 shown
     assert lines[-1] == "if the change is intended, accept it: pytest --gpt-trace --update-golden 'x'"
 
@@ -150,7 +150,7 @@ def test_a_stage_that_differs_in_several_iterations_counts_once():
     result = compare(g, o)
     assert result.distinct_stages == [("forward", "a")] and len(result.stages_differing) == 2
     line = render_comparison(result, golden_name="g.json")[0]
-    assert line.startswith("1 stage out of tolerance in 2 stage-iterations (profile exact); first divergence: a (forward)")
+    assert line.startswith("1 of 3 traced tensors out of tolerance in 2 tensor-iterations (profile exact); first divergence: a (forward)")
 
 
 def test_provenance_not_the_environment_says_how_precise_and_how_complete_a_trace_is():

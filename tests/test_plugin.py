@@ -92,7 +92,7 @@ def test_golden_life_cycle(project):
     result = run(p, "--gpt-trace")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
-        "*1 stage out of tolerance (profile exact); first divergence: blocks.1.attn.q_rope (forward), iteration 0, std*",
+        "*1 of * traced tensors out of tolerance (profile exact); first divergence: blocks.1.attn.q_rope (forward), iteration 0, std*",
         "*iter*pass*stage*stat*golden*obtained*difference*allowed*",
         "*0*fwd*blocks.1.attn.q_rope*std*",
         "*accept it: pytest --gpt-trace --update-golden 'test_model.py::test_model'*",
@@ -184,7 +184,7 @@ def test_terminal_summary_lines(project):
     result = run(project, "--gpt-trace", "-v")
     result.stdout.fnmatch_lines([
         "*- gpt-trace -*",
-        "test_model.py::test_model: 48 stages, 2 iterations, loss 4.158883 -> *, 0 out of tolerance (exact; every compared statistic identical to the golden), golden golden/test_model/test_model.json, 0 warnings/errors, * infos",
+        "test_model.py::test_model: 48 stages, 2 iterations, loss 4.158883 -> *, 0 of * traced tensors out of tolerance (exact; every compared statistic identical to the golden), golden golden/test_model/test_model.json, 0 warnings/errors, * infos",
         "*residual std by layer*",
     ])
 
@@ -285,7 +285,7 @@ def gpt_model(gpt_config):
     result = run(project, "--gpt-trace")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
-        "*stages out of tolerance* (profile exact); first divergence: blocks.0.mlp.out (forward), iteration 0, nan*",
+        "*traced tensors out of tolerance* (profile exact); first divergence: blocks.0.mlp.out (forward), iteration 0, nan*",
         "*anomal* in the trace: first NaN at blocks.0.mlp.out (forward), iteration 0*",
     ])
 
@@ -381,9 +381,9 @@ def test_fine(gpt_trace):
 def test_summary_says_when_nothing_was_compared(project):
     result = run(project, "--gpt-trace")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["test_model.py::test_model: 48 stages, 2 iterations, *, golden missing, golden golden/*"])
+    result.stdout.fnmatch_lines(["test_model.py::test_model: 48 stages, 2 iterations, *, golden missing: golden/*"])
     result = run(project, "--update-golden")
-    result.stdout.fnmatch_lines(["test_model.py::test_model: *, golden created, golden golden/*"])
+    result.stdout.fnmatch_lines(["test_model.py::test_model: *, golden created: golden/*"])
 
 
 def test_calibrated_golden_life_cycle(project):
@@ -394,7 +394,7 @@ def test_calibrated_golden_life_cycle(project):
     result = run(p, "--update-golden")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([
-        "*golden created (band of 5 replays (cap-default, threads-*, cap-default+threads-*, dither-1, dither-2), k 4.0, floor 4e-06, "
+        "*golden created: golden/test_model/test_model.json (band of 5 replays (cap-default, threads-*, cap-default+threads-*, dither-1, dither-2), k 4.0, floor 4e-06, "
         "measured in * s)*",
     ])
     golden = p.path / GOLDEN
@@ -404,14 +404,14 @@ def test_calibrated_golden_life_cycle(project):
     mtime = golden.stat().st_mtime_ns
     result = run(p, "--gpt-trace")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*0 out of tolerance (calibrated; *)*"])
+    result.stdout.fnmatch_lines(["*0 of * traced tensors out of tolerance (calibrated; *)*"])
     run(p, "--update-golden").assert_outcomes(passed=1)
     assert golden.stat().st_mtime_ns == mtime  # a matching golden is not rewritten
     nudge_std(golden, "blocks.1.attn.q_rope", 1.01)
     result = run(p, "--gpt-trace")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
-        "*1 stage out of tolerance (profile calibrated); first divergence: blocks.1.attn.q_rope (forward), "
+        "*1 of * traced tensors out of tolerance (profile calibrated); first divergence: blocks.1.attn.q_rope (forward), "
         "iteration 0, std*",
         "*iter*pass*stage*stat*golden*obtained*difference*allowed*band*x band*",
         "*golden calibration: band of * replays*",
@@ -419,8 +419,8 @@ def test_calibrated_golden_life_cycle(project):
     result = run(p, "--update-golden")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([
-        "*golden updated (band of*",
-        "*the old golden differs in 1 stage (profile calibrated), first at blocks.1.attn.q_rope (forward), "
+        "*golden updated: golden/test_model/test_model.json (band of*",
+        "*the old golden differs in 1 of * traced tensors (profile calibrated), first at blocks.1.attn.q_rope (forward), "
         "iteration 0, std; worst rows:*",
         "*0*fwd*blocks.1.attn.q_rope*std*",
     ])
