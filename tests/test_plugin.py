@@ -427,5 +427,5 @@ def test_calibrated_golden_life_cycle(project):
     run(p, "--gpt-trace").assert_outcomes(passed=1)
     done = p.run("gpttrace", "calibrate", "test_model.py", "--dithers", "0")
     assert done.ret == 0, done.stdout.str()
-    done.stdout.fnmatch_lines(["*golden recalibrated (band of 3 replays (cap-default, threads-*, cap-default+threads-*), *"])
+    done.stdout.fnmatch_lines(["*golden recalibrated: golden/test_model/test_model.json (band of 3 replays (cap-default, threads-*, cap-default+threads-*), *"])
     assert "dither" not in json.loads(golden.read_text())["calibration"]["variants"].__repr__()
