@@ -117,22 +117,23 @@ def _bad_marker(message: str):
     pytest.fail(message, pytrace=False)
 
 
-def _run(node):
-    """The test's marker over the session's settings, parsed once (a bad argument fails the test)."""
+def _parsed_run(node):
+    """The test's marker over the session's settings, parsed once; ValueError if an argument is bad."""
     run = node.stash.get(_RUN, None)
     if run is None:
         marker = node.get_closest_marker(MARKER)
-        try:
-            run = parse_marker(marker.args if marker else (), marker.kwargs if marker else {},
-                               node.config.stash[_SETTINGS])
-        except ValueError as exc:
-            problem = str(exc)
-        else:
-            problem = None
-        if problem:
-            _bad_marker(f"{node.nodeid}: {problem}")
-        node.stash[_RUN] = run
+        run = node.stash[_RUN] = parse_marker(marker.args if marker else (), marker.kwargs if marker else {},
+                                              node.config.stash[_SETTINGS])
     return run
+
+
+def _run(node):
+    """The test's ``markers.Run``; a bad marker argument fails the test with the reason alone."""
+    try:
+        return _parsed_run(node)
+    except ValueError as exc:
+        problem = str(exc)
+    _bad_marker(f"{node.nodeid}: {problem}")  # outside the except: no chained traceback
 
 
 def _seed_everything(seed: int) -> None:
@@ -148,14 +149,15 @@ def _seed_everything(seed: int) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    """Read a traced test's marker, then seed torch, random and numpy before its fixtures build the
-    model: a user model initialised from the global RNG then starts the same on every run (and
-    matches its golden)."""
-    if _SETTINGS not in item.config.stash or not _is_trace_test(item):
+    """Seed torch, random and numpy before a traced test's fixtures build the model: a user model
+    initialised from the global RNG then starts the same on every run (and matches its golden)."""
+    if _SETTINGS not in item.config.stash or "gpt_trace" not in getattr(item, "fixturenames", ()):
         return
-    run = _run(item)
-    if "gpt_trace" in getattr(item, "fixturenames", ()):
-        _seed_everything(run.seed)
+    try:
+        run = _parsed_run(item)
+    except ValueError:
+        return  # the fixtures fail the test with the reason (unless a skip mark skips it first)
+    _seed_everything(run.seed)
 
 
 @pytest.fixture

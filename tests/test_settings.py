@@ -156,3 +156,16 @@ def test_check_refuses_a_non_finite_threshold():
         assert done.returncode == 2, done.stdout + done.stderr
         assert f"check: --threshold: threshold line 'dead_relu_warn={value}': '{value}' is not a finite number" \
             in done.stderr.splitlines()[-1], done.stderr
+
+
+def test_a_skipped_test_with_a_bad_marker_argument_is_skipped(project):
+    project.makepyfile(test_m="""
+import pytest
+
+@pytest.mark.skipif(True, reason="not here")
+@pytest.mark.gpt_trace(iterations=0)
+def test_it(gpt_trace):
+    pass
+""")
+    run(project).assert_outcomes(skipped=1)
+    project.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(skipped=1)  # without --gpt-trace
