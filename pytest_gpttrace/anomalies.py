@@ -21,19 +21,39 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from dataclasses import dataclass, fields, replace
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, make_dataclass, replace
+from enum import Enum
+from typing import Callable, Iterable, Mapping, Sequence
 
 from .trace import Iteration, TensorStats, Trace
 
-ERROR, WARNING, INFO = "error", "warning", "info"
+class Severity(str, Enum):
+    """How much an anomaly matters; str-valued, so it prints and compares as "error" etc."""
+
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+ERROR, WARNING, INFO = Severity.ERROR, Severity.WARNING, Severity.INFO
 SEVERITY_ORDER = {ERROR: 0, WARNING: 1, INFO: 2}
+
+
+def with_where(symptom: str, where: str | None) -> str:
+    """The symptom, then " (where)" unless the symptom already names it."""
+    return symptom + (f" ({where})" if where and where not in symptom else "")
 
 
 @dataclass(frozen=True)
 class Anomaly:
     rule: str
-    severity: str
+    severity: Severity
     iteration: int | None
     stage: str | None
     symptom: str
@@ -53,36 +73,91 @@ class Anomaly:
             parts.append(f"iteration {self.iteration}")
         return ", ".join(parts)
 
+    @property
+    def located(self) -> str:
+        return with_where(self.symptom, self.where)
 
+
+# --------------------------------------------------------------------------- the registry
 @dataclass(frozen=True)
-class Thresholds:
-    """Named, configurable thresholds (ini gpt_trace_thresholds, marker thresholds=...)."""
+class Rule:
+    """One anomaly rule: its id, what it reports, the severities it can report, its thresholds
+    (name -> default) and the function that finds it in a ``Context``."""
 
-    stuck_loss_rtol: float = 1e-6       # relative loss change below which a step did not move the loss
-    ln_v_rtol: float = 1e-5             # |loss - ln V| / ln V for "the loss is ln V"
-    init_loss_rtol: float = 0.25        # random-init head: |loss0 - ln V| / ln V above this is an error
-    norm_rms_tol: float = 1e-3          # |rms - 1| of an RMSNorm output (x10 for 16-bit dtypes)
-    rope_rtol: float = 2.0**-8          # |rms(rope(q)) - rms(q)| / rms(q): two bf16 roundings
-    softcap_saturation: float = 0.5     # warning when rms(softcapped logits) / cap exceeds this
-    residual_factor: float = 2.0        # residual std ratio between consecutive layers (either way)
-    grad_factor: float = 10.0           # residual-gradient rms ratio between consecutive layers
-    dead_relu_warn: float = 0.9         # zero fraction after ReLU²
-    dead_relu_error: float = 0.999
-    divergence_factor: float = 1.5      # loss rising by this factor over one optimizer step
-    spike_factor: float = 2.0           # loss above this multiple of the running minimum
+    id: str
+    description: str
+    severities: tuple[Severity, ...]
+    thresholds: Mapping[str, float]
+    check: Callable[["Context"], list[Anomaly]]
 
+
+REGISTRY: dict[str, Rule] = {}  # in detection order
+
+
+def rule(*, id: str, description: str, severity: Severity | Sequence[Severity],
+         thresholds: Mapping[str, float] | None = None):
+    """Register the decorated ``function(ctx) -> list[Anomaly]`` as the rule ``id``."""
+    severities = (severity,) if isinstance(severity, Severity) else tuple(severity)
+    thresholds = dict(thresholds or {})
+
+    def register(function):
+        if id in REGISTRY:
+            raise ValueError(f"anomaly rule {id!r} is registered twice")
+        for name, default in thresholds.items():
+            for other in REGISTRY.values():
+                if other.thresholds.get(name, default) != default:
+                    raise ValueError(f"threshold {name!r}: default {default!r} in rule {id!r}, "
+                                     f"{other.thresholds[name]!r} in rule {other.id!r}")
+        REGISTRY[id] = Rule(id, description, severities, thresholds, function)
+        return function
+
+    return register
+
+
+def check_rules(ids: Iterable[str], *, noun: str = "rule", show: Callable[[str], str] = str) -> list[str]:
+    """The rule ids as a list; ValueError naming the unknown ones and the known ones."""
+    ids = list(ids)
+    unknown = [r for r in ids if r not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown {noun} {', '.join(map(show, unknown))}; known: {', '.join(REGISTRY)}")
+    return ids
+
+
+def _threshold_defaults() -> dict[str, float]:
+    out: dict[str, float] = {}
+    for r in REGISTRY.values():
+        out.update(r.thresholds)
+    return out
+
+
+class _ThresholdMethods:
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
     def updated(self, values: Mapping[str, float]) -> "Thresholds":
+        """These thresholds with ``values`` replacing some; ValueError for an unknown name or a
+        value that is not a finite number."""
         unknown = set(values) - set(self.names())
         if unknown:
             raise ValueError(f"unknown threshold {', '.join(sorted(unknown))}; known: {', '.join(self.names())}")
-        try:
-            return replace(self, **{k: float(v) for k, v in values.items()})
-        except (TypeError, ValueError):
-            raise ValueError(f"thresholds must be numbers, got {dict(values)!r}") from None
+        parsed = {}
+        for name, value in values.items():
+            number = _finite(value)
+            if number is None:
+                raise ValueError(f"threshold {name} must be a finite number, got {value!r}")
+            parsed[name] = number
+        return replace(self, **parsed)
+
+
+def _finite(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def parse_thresholds(lines: Iterable[str]) -> dict[str, float]:
@@ -96,27 +171,14 @@ def parse_thresholds(lines: Iterable[str]) -> dict[str, float]:
         if not sep:
             raise ValueError(f"threshold line {line!r}: expected 'name = value'")
         try:
-            out[name.strip()] = float(value)
+            number = float(value)
         except ValueError:
             raise ValueError(f"threshold line {line!r}: {value.strip()!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"threshold line {line!r}: {value.strip()!r} is not a finite number")
+        out[name.strip()] = number
     Thresholds().updated(out)  # validates the names
     return out
-
-
-RULES = {
-    "zero-schedule": "zeros the zero-init schedule expects (info) or zeros it does not (error)",
-    "dead-gradient": "a parameter or stage gradient exactly zero where a gradient must flow",
-    "stuck-loss": "the loss does not move across optimizer steps",
-    "loss-at-init": "the first loss is not ln V (zero-init head) or far from it (random head)",
-    "non-finite": "NaN or Inf in a stage, a gradient or the loss (first occurrence)",
-    "norm-invariant": "an RMSNorm output whose rms is not 1",
-    "rope-invariant": "RoPE changed the rms of q or k beyond the bf16 bound",
-    "softcap": "logits outside ±softcap, or saturated near the cap",
-    "residual-growth": "residual-stream std exploding or collapsing across layers",
-    "gradient-growth": "residual-stream gradients exploding or vanishing across layers",
-    "dead-relu": "ReLU² outputs (almost) all zero",
-    "divergence": "the loss rising over optimizer steps, or spiking above its running minimum",
-}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -162,6 +224,30 @@ def _fmt_names(names: Sequence[str], limit: int = 6) -> str:
     if len(names) <= limit:
         return ", ".join(names)
     return ", ".join(names[:limit]) + f" and {len(names) - limit} more"
+
+
+# --------------------------------------------------------------------------- the rule context
+@dataclass(frozen=True)
+class Context:
+    """What the rules share, computed once per ``detect`` call."""
+
+    trace: Trace
+    th: Thresholds
+    vocab: int | None                       # the vocabulary size, from the config or the logits' shape
+    zero_init: Mapping[str, str | None]     # zero-init parameter -> the stage that shows its output
+    stuck_loss: tuple[Anomaly, ...]         # the stuck-loss findings (the zero schedule reads them)
+    stuck_head: bool                        # the loss is stuck at ln V: the LM head never moved
+    zero_schedule: tuple[Anomaly, ...]      # the zero-schedule and dead-gradient findings
+
+    @classmethod
+    def of(cls, trace: Trace, th: Thresholds) -> "Context":
+        vocab = _vocab_size(trace)
+        zero_init = _zero_init(trace)
+        stuck = tuple(_stuck_loss(trace, th, vocab))
+        stuck_head = any(a.severity == ERROR and _loss_is_ln_v(trace.iterations[a.iteration].loss, vocab, th)
+                         for a in stuck)
+        return cls(trace, th, vocab, zero_init, stuck, stuck_head,
+                   tuple(_zero_schedule(trace, zero_init, stuck_head)))
 
 
 # --------------------------------------------------------------------------- zero schedule
@@ -223,9 +309,9 @@ def _grad_nonzero(it: Iteration, param: str) -> bool:
     return s is not None and s.zero_frac is not None and not s.all_zero
 
 
-def zero_schedule(trace: Trace, th: Thresholds, stuck_head: bool) -> list[Anomaly]:
+def _zero_schedule(trace: Trace, zero_init: Mapping[str, str | None], stuck_head: bool) -> list[Anomaly]:
+    """The findings of the zero-schedule and dead-gradient rules (one analysis, two rule ids)."""
     out: list[Anomaly] = []
-    zero_init = _zero_init(trace)
     for i, it in enumerate(trace.iterations):
         if not it.forward and not it.param_grads and not it.stage_grads:
             continue  # a loss-only iteration of a parsed report
@@ -318,14 +404,39 @@ def _moved_before(trace, zero_init, param, i) -> bool:
     return stage is None
 
 
+# --------------------------------------------------------------------------- stage rules
+@rule(id="non-finite", severity=ERROR,
+      description="NaN or Inf in a stage, a gradient or the loss (first occurrence)")
+def non_finite(ctx: Context) -> list[Anomaly]:
+    trace = ctx.trace
+    for i, it in enumerate(trace.iterations):
+        ordered = [("forward", n, s) for n, s in it.forward.items()]
+        ordered += [("stage gradient", n, s) for n, s in it.stage_grads.items()]
+        ordered += [("parameter gradient", n, s) for n, s in it.param_grads.items() if s is not None]
+        for kind, name, s in ordered:
+            if s.nan or s.inf:
+                what = "NaN" if s.nan else "Inf"
+                total = sum(1 for _, _, t in ordered if t.nan or t.inf)
+                return [Anomaly("non-finite", ERROR, i, name,
+                                f"first {what} at {name} ({kind}), iteration {i}: {s.nan} NaN, {s.inf} Inf "
+                                f"of {s.numel}; {total} stages non-finite in this iteration",
+                                "an overflow or an invalid operation at or just before this stage "
+                                "(a division by zero, log/sqrt of a non-positive value, an fp16 overflow, or a NaN input)",
+                                f"inspect the inputs of {name}; everything after it in execution order inherits the NaN")]
+        if it.loss is not None and not math.isfinite(it.loss):
+            return [Anomaly("non-finite", ERROR, i, "loss", f"the loss is {it.loss} at iteration {i}",
+                            "an overflow or an invalid value in the logits or the targets",
+                            "check the targets' range and the logits' magnitude")]
+    return []
+
+
 # --------------------------------------------------------------------------- loss rules
 def _loss_is_ln_v(loss, v, th) -> bool:
     return v is not None and loss is not None and abs(loss - math.log(v)) <= th.ln_v_rtol * math.log(v)
 
 
-def stuck_loss(trace: Trace, th: Thresholds) -> list[Anomaly]:
+def _stuck_loss(trace: Trace, th: "Thresholds", v: int | None) -> list[Anomaly]:
     out = []
-    v = _vocab_size(trace)
     its = trace.iterations
     runs = []  # (start, end, stepped flags between)
     i = 0
@@ -369,10 +480,19 @@ def stuck_loss(trace: Trace, th: Thresholds) -> list[Anomaly]:
     return out
 
 
-def loss_at_init(trace: Trace, th: Thresholds) -> list[Anomaly]:
+@rule(id="stuck-loss", severity=(ERROR, INFO), thresholds={"stuck_loss_rtol": 1e-6, "ln_v_rtol": 1e-5},
+      description="the loss does not move across optimizer steps")
+def stuck_loss(ctx: Context) -> list[Anomaly]:
+    return list(ctx.stuck_loss)
+
+
+@rule(id="loss-at-init", severity=ERROR, thresholds={"ln_v_rtol": 1e-5, "init_loss_rtol": 0.25},
+      description="the first loss is not ln V (zero-init head) or far from it (random head)")
+def loss_at_init(ctx: Context) -> list[Anomaly]:
+    trace, th = ctx.trace, ctx.th
     if not trace.iterations or trace.iterations[0].loss is None:
         return []
-    v = _vocab_size(trace)
+    v = ctx.vocab
     if v is None:
         return []
     first = trace.iterations[0]
@@ -396,7 +516,10 @@ def loss_at_init(trace: Trace, th: Thresholds) -> list[Anomaly]:
     return []
 
 
-def divergence(trace: Trace, th: Thresholds) -> list[Anomaly]:
+@rule(id="divergence", severity=(ERROR, WARNING), thresholds={"divergence_factor": 1.5, "spike_factor": 2.0},
+      description="the loss rising over optimizer steps, or spiking above its running minimum")
+def divergence(ctx: Context) -> list[Anomaly]:
+    trace, th = ctx.trace, ctx.th
     out = []
     its = trace.iterations
     best = None
@@ -420,33 +543,27 @@ def divergence(trace: Trace, th: Thresholds) -> list[Anomaly]:
     return out
 
 
-# --------------------------------------------------------------------------- stage rules
-def non_finite(trace: Trace, th: Thresholds) -> list[Anomaly]:
-    for i, it in enumerate(trace.iterations):
-        ordered = [("forward", n, s) for n, s in it.forward.items()]
-        ordered += [("stage gradient", n, s) for n, s in it.stage_grads.items()]
-        ordered += [("parameter gradient", n, s) for n, s in it.param_grads.items() if s is not None]
-        for kind, name, s in ordered:
-            if s.nan or s.inf:
-                what = "NaN" if s.nan else "Inf"
-                total = sum(1 for _, _, t in ordered if t.nan or t.inf)
-                return [Anomaly("non-finite", ERROR, i, name,
-                                f"first {what} at {name} ({kind}), iteration {i}: {s.nan} NaN, {s.inf} Inf "
-                                f"of {s.numel}; {total} stages non-finite in this iteration",
-                                "an overflow or an invalid operation at or just before this stage "
-                                "(a division by zero, log/sqrt of a non-positive value, an fp16 overflow, or a NaN input)",
-                                f"inspect the inputs of {name}; everything after it in execution order inherits the NaN")]
-        if it.loss is not None and not math.isfinite(it.loss):
-            return [Anomaly("non-finite", ERROR, i, "loss", f"the loss is {it.loss} at iteration {i}",
-                            "an overflow or an invalid value in the logits or the targets",
-                            "check the targets' range and the logits' magnitude")]
-    return []
+# --------------------------------------------------------------------------- zero-schedule rules
+@rule(id="zero-schedule", severity=(INFO, ERROR),
+      description="zeros the zero-init schedule expects (info) or zeros it does not (error)")
+def zero_schedule(ctx: Context) -> list[Anomaly]:
+    return [a for a in ctx.zero_schedule if a.rule == "zero-schedule"]
 
 
+@rule(id="dead-gradient", severity=ERROR,
+      description="a parameter or stage gradient exactly zero where a gradient must flow")
+def dead_gradient(ctx: Context) -> list[Anomaly]:
+    return [a for a in ctx.zero_schedule if a.rule == "dead-gradient"]
+
+
+# --------------------------------------------------------------------------- invariants and growth
 NORM_PATTERNS = ("*.norm", "*_norm", "final_norm")
 
 
-def norm_invariant(trace: Trace, th: Thresholds) -> list[Anomaly]:
+@rule(id="norm-invariant", severity=ERROR, thresholds={"norm_rms_tol": 1e-3},
+      description="an RMSNorm output whose rms is not 1")
+def norm_invariant(ctx: Context) -> list[Anomaly]:
+    trace, th = ctx.trace, ctx.th
     out = []
     for i, it in enumerate(trace.iterations):
         for name, s in it.forward.items():
@@ -467,7 +584,10 @@ def norm_invariant(trace: Trace, th: Thresholds) -> list[Anomaly]:
     return _first_per_stage(out)
 
 
-def rope_invariant(trace: Trace, th: Thresholds) -> list[Anomaly]:
+@rule(id="rope-invariant", severity=ERROR, thresholds={"rope_rtol": 2.0**-8},
+      description="RoPE changed the rms of q or k beyond the bf16 bound")
+def rope_invariant(ctx: Context) -> list[Anomaly]:
+    trace, th = ctx.trace, ctx.th
     out = []
     for i, it in enumerate(trace.iterations):
         for name, s in it.forward.items():
@@ -490,7 +610,10 @@ def rope_invariant(trace: Trace, th: Thresholds) -> list[Anomaly]:
     return _first_per_stage(out)
 
 
-def softcap(trace: Trace, th: Thresholds) -> list[Anomaly]:
+@rule(id="softcap", severity=(ERROR, WARNING, INFO), thresholds={"softcap_saturation": 0.5},
+      description="logits outside ±softcap, or saturated near the cap")
+def softcap(ctx: Context) -> list[Anomaly]:
+    trace, th = ctx.trace, ctx.th
     cap = trace.config.get("softcap")
     if not isinstance(cap, (int, float)) or cap <= 0:
         cap = 15.0
@@ -533,7 +656,10 @@ def _layer_series(it: Iteration, section: str) -> list[tuple[int, str, TensorSta
     return [(b, *by_block[b]) for b in sorted(by_block)]
 
 
-def residual_growth(trace: Trace, th: Thresholds) -> list[Anomaly]:
+@rule(id="residual-growth", severity=ERROR, thresholds={"residual_factor": 2.0},
+      description="residual-stream std exploding or collapsing across layers")
+def residual_growth(ctx: Context) -> list[Anomaly]:
+    trace, th = ctx.trace, ctx.th
     out = []
     for i, it in enumerate(trace.iterations):
         series = _layer_series(it, "forward")
@@ -551,6 +677,15 @@ def residual_growth(trace: Trace, th: Thresholds) -> list[Anomaly]:
                                    "a residual stream being overwritten or scaled down (vanishing activations)",
                                    "check the residual additions x = x + f(norm(x)) and the output projection init"))
                 break
+    return _first_per_stage(out)
+
+
+@rule(id="gradient-growth", severity=WARNING, thresholds={"grad_factor": 10.0},
+      description="residual-stream gradients exploding or vanishing across layers")
+def gradient_growth(ctx: Context) -> list[Anomaly]:
+    trace, th = ctx.trace, ctx.th
+    out = []
+    for i, it in enumerate(trace.iterations):
         series = _layer_series(it, "stage_grads")
         for (b0, n0, s0), (b1, n1, s1) in zip(series, series[1:]):
             a, c = _rms(s0), _rms(s1)
@@ -567,7 +702,10 @@ def residual_growth(trace: Trace, th: Thresholds) -> list[Anomaly]:
     return _first_per_stage(out)
 
 
-def dead_relu(trace: Trace, th: Thresholds) -> list[Anomaly]:
+@rule(id="dead-relu", severity=(WARNING, ERROR), thresholds={"dead_relu_warn": 0.9, "dead_relu_error": 0.999},
+      description="ReLU² outputs (almost) all zero")
+def dead_relu(ctx: Context) -> list[Anomaly]:
+    trace, th = ctx.trace, ctx.th
     out = []
     for i, it in enumerate(trace.iterations):
         for name, s in it.forward.items():
@@ -599,22 +737,23 @@ def _first_per_stage(anomalies: list[Anomaly]) -> list[Anomaly]:
 
 
 # --------------------------------------------------------------------------- entry point
+Thresholds = make_dataclass(
+    "Thresholds", [(name, float, field(default=value)) for name, value in _threshold_defaults().items()],
+    bases=(_ThresholdMethods,), frozen=True, namespace={"__module__": __name__},
+)
+Thresholds.__doc__ = ("Named, configurable thresholds (ini gpt_trace_thresholds, marker thresholds=...), "
+                      "gathered from the rules' declarations; see the README's rule table.")
+RULES = {r.id: r.description for r in REGISTRY.values()}  # rule id -> description
+
+
 def detect(trace: Trace, thresholds: Thresholds | None = None, allow: Iterable[str] = ()) -> list[Anomaly]:
     """Every anomaly of the trace, most important first (errors, warnings, infos; then execution order).
 
     ``allow``: rule ids whose errors and warnings are downgraded to info (still reported).
     """
-    th = thresholds or Thresholds()
-    allow = set(allow)
-    unknown = allow - set(RULES)
-    if unknown:
-        raise ValueError(f"unknown anomaly rule {', '.join(sorted(unknown))}; known: {', '.join(RULES)}")
-    stuck = stuck_loss(trace, th)
-    v = _vocab_size(trace)
-    stuck_head = any(a.severity == ERROR and _loss_is_ln_v(trace.iterations[a.iteration].loss, v, th) for a in stuck)
-    found = (non_finite(trace, th) + stuck + loss_at_init(trace, th) + divergence(trace, th)
-             + zero_schedule(trace, th, stuck_head) + norm_invariant(trace, th) + rope_invariant(trace, th)
-             + softcap(trace, th) + residual_growth(trace, th) + dead_relu(trace, th))
+    allow = set(check_rules(allow, noun="anomaly rule"))
+    ctx = Context.of(trace, thresholds or Thresholds())
+    found = [a for r in REGISTRY.values() for a in r.check(ctx)]
     found = [replace(a, severity=INFO, cause=a.cause + " (allowed for this test)") if a.rule in allow and
              a.severity != INFO else a for a in found]
     return sorted(found, key=lambda a: (SEVERITY_ORDER[a.severity],
@@ -634,7 +773,7 @@ def render_text(anomalies: Sequence[Anomaly], *, include_info: bool = True) -> l
             continue
         lines.append(f"{len(group)} {sev}{'s' if len(group) != 1 else ''}:")
         for a in group:
-            lines.append(f"  [{a.rule}] {a.symptom}" + (f" ({a.where})" if a.where and a.where not in a.symptom else ""))
+            lines.append(f"  [{a.rule}] {a.located}")
             lines.append(f"      likely cause: {a.cause}")
             lines.append(f"      fix: {a.fix}")
     return lines or ["no anomalies"]
@@ -647,7 +786,6 @@ def render_markdown(anomalies: Sequence[Anomaly]) -> str:
         return '<span style="color: #5faf00">No anomalies.</span>\n'
     lines = []
     for a in anomalies:
-        where = f" ({a.where})" if a.where and a.where not in a.symptom else ""
         lines.append(f'- <span style="color: {colours[a.severity]}">**{a.severity.upper()}** `{a.rule}`</span>: '
-                     f"{a.symptom}{where}. Likely cause: {a.cause}. Fix: {a.fix}.")
+                     f"{a.located}. Likely cause: {a.cause}. Fix: {a.fix}.")
     return "\n".join(lines) + "\n"

@@ -125,12 +125,13 @@ def _anomaly_section(trace) -> str:
 
 
 def cmd_check(args) -> int:
-    from .anomalies import RULES, Thresholds, detect, errors, parse_thresholds, render_text
+    from .anomalies import INFO, WARNING, Thresholds, check_rules, detect, errors, parse_thresholds, render_text
     from .traceio import read_trace
 
-    unknown = [r for r in args.allow or [] if r not in RULES]
-    if unknown:
-        raise SystemExit(_usage_error(f"check: --allow: unknown rule {', '.join(unknown)}; known: {', '.join(RULES)}"))
+    try:
+        check_rules(args.allow or [])
+    except ValueError as exc:
+        raise SystemExit(_usage_error(f"check: --allow: {exc}"))
     try:
         thresholds = Thresholds().updated(parse_thresholds(args.threshold or []))
     except ValueError as exc:
@@ -138,7 +139,7 @@ def cmd_check(args) -> int:
     trace = read_trace(args.trace)
     found = detect(trace, thresholds, allow=args.allow or [])
     print(f"{args.trace}: {len(errors(found))} errors, "
-          f"{sum(a.severity == 'warning' for a in found)} warnings, {sum(a.severity == 'info' for a in found)} infos")
+          f"{sum(a.severity == WARNING for a in found)} warnings, {sum(a.severity == INFO for a in found)} infos")
     print("\n".join(render_text(found, include_info=not args.quiet)))
     return EXIT_DIFFER if errors(found) else EXIT_OK
 

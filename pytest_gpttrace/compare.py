@@ -187,6 +187,9 @@ def parse_override(line: str) -> Override:
     if len(parts) < 3:
         raise ValueError(f"tolerance line {line!r}: expected 'STAGE_GLOB STAT_GLOB atol=X rtol=Y' or '... skip'")
     stage, stat, *settings = parts
+    if not any(fnmatch.fnmatchcase(name, stat) for name in (*STATS, "loss")):
+        raise ValueError(f"tolerance line {line!r}: {stat!r} matches no statistic; "
+                         f"the statistics are {', '.join(STATS)} (and loss for the loss)")
     if settings == ["skip"]:
         return Override(stage, stat, None)
     values = {}

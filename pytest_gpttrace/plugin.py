@@ -8,40 +8,19 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-MARKER = "gpt_trace"
+from .markers import MARKER, parse_marker
+
 SKIP_REASON = "GPT trace test: run it with `pytest --gpt-trace` (or add --gpt-trace to addopts)"
 _PROPERTY = "gpt_trace_summary"
 _UPDATED = "gpt_trace_golden_written"
-_MARKER_KEYS = ("iterations", "seed", "profile", "tolerances", "stages", "micro_steps", "allow", "thresholds")
 
-
-@dataclass
-class _Settings:
-    enabled: bool
-    update: bool
-    golden_dir: Path
-    results_dir: Path
-    report_dir: Path | None
-    profile: str
-    tolerances: list
-    iterations: int
-    recalibrate: bool
-    calibration: bool
-    dithers: int
-    replay: dict | None
-    allow: list
-    thresholds: dict
-    rootdir: Path
-    summaries: list = field(default_factory=list)
-    written: list = field(default_factory=list)
-
-
-_SETTINGS = pytest.StashKey[_Settings]()
+_SETTINGS = pytest.StashKey[object]()   # settings.Settings
+_COLLECTOR = pytest.StashKey[object]()
+_RUN = pytest.StashKey[object]()        # markers.Run of a traced test
 _TRACE = pytest.StashKey[object]()
 _GOLDEN = pytest.StashKey[object]()
 
@@ -96,40 +75,8 @@ def pytest_configure(config):
         "allow=(), thresholds=None): "
         "a GPT numerics trace test; see pytest-gpttrace's README",
     )
-    from .anomalies import RULES, parse_thresholds
-    from .compare import AUTO, PROFILES, overrides_from_lines
-    from .replay import replay_spec
+    from .settings import read_settings
 
-    recalibrate = bool(config.getoption("gpt_trace_recalibrate"))
-    update = config.getoption("update_golden") or recalibrate
-    try:
-        replay = replay_spec()
-    except ValueError as exc:
-        raise pytest.UsageError(str(exc)) from None
-    if update and os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-        raise pytest.UsageError(
-            "--update-golden is refused because CI is set: CI never rewrites its own expectations. "
-            "Update the goldens locally and commit them."
-        )
-    enabled = bool(update or replay or config.getoption("gpt_trace") or config.getini("gpt_trace"))
-    profile = config.getoption("gpt_trace_profile") or config.getini("gpt_trace_profile")
-    if profile not in PROFILES and profile != AUTO:
-        raise pytest.UsageError(f"--gpt-trace-profile / gpt_trace_profile: unknown profile {profile!r}; "
-                                f"choose one of {', '.join([AUTO, *PROFILES])}")
-    dithers = _ini_int(config, "gpt_trace_dithers", minimum=0)
-    try:
-        tolerances = overrides_from_lines(config.getini("gpt_trace_tolerances"))
-    except ValueError as exc:
-        raise pytest.UsageError(f"ini gpt_trace_tolerances: {exc}") from None
-    iterations = _ini_int(config, "gpt_trace_iterations", minimum=1)
-    allow = list(config.getini("gpt_trace_allow"))
-    unknown = [r for r in allow if r not in RULES]
-    if unknown:
-        raise pytest.UsageError(f"ini gpt_trace_allow: unknown rule {', '.join(unknown)}; known: {', '.join(RULES)}")
-    try:
-        thresholds = parse_thresholds(config.getini("gpt_trace_thresholds"))
-    except ValueError as exc:
-        raise pytest.UsageError(f"ini gpt_trace_thresholds: {exc}") from None
     rootdir = Path(config.rootpath)
 
     def folder(option, ini):
@@ -146,36 +93,14 @@ def pytest_configure(config):
         ("--gpt-trace-report", report_dir), ("--gpt-trace-results-dir / gpt_trace_results_dir", results_dir)], rootdir)
     if conflict:
         raise pytest.UsageError(conflict)
-    settings = config.stash[_SETTINGS] = _Settings(
-        enabled=enabled,
-        update=bool(update),
-        golden_dir=golden_dir,
-        results_dir=results_dir,
-        report_dir=report_dir,
-        profile=profile,
-        tolerances=tolerances,
-        iterations=iterations,
-        recalibrate=recalibrate,
-        calibration=bool(config.getini("gpt_trace_calibration")),
-        dithers=dithers,
-        replay=replay,
-        allow=allow,
-        thresholds=thresholds,
-        rootdir=rootdir,
-    )
-    config.pluginmanager.register(_Collector(settings), "gpt-trace-collector")
-
-
-def _ini_int(config, name: str, minimum: int) -> int:
-    raw = config.getini(name)
     try:
-        value = int(raw)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        what = "a positive integer" if minimum == 1 else "a non-negative integer"
-        raise pytest.UsageError(f"ini {name}: expected {what}, got {raw!r}")
-    return value
+        config.stash[_SETTINGS] = read_settings(
+            config.getoption, config.getini, os.environ,
+            golden_dir=golden_dir, results_dir=results_dir, report_dir=report_dir, rootdir=rootdir,
+        )
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.pluginmanager.register(config.stash.setdefault(_COLLECTOR, _Collector()), "gpt-trace-collector")
 
 
 def _is_trace_test(item) -> bool:
@@ -198,6 +123,25 @@ def _bad_marker(message: str):
     pytest.fail(message, pytrace=False)
 
 
+def _parsed_run(node):
+    """The test's marker over the session's settings, parsed once; ValueError if an argument is bad."""
+    run = node.stash.get(_RUN, None)
+    if run is None:
+        marker = node.get_closest_marker(MARKER)
+        run = node.stash[_RUN] = parse_marker(marker.args if marker else (), marker.kwargs if marker else {},
+                                              node.config.stash[_SETTINGS])
+    return run
+
+
+def _run(node):
+    """The test's ``markers.Run``; a bad marker argument fails the test with the reason alone."""
+    try:
+        return _parsed_run(node)
+    except ValueError as exc:
+        problem = str(exc)
+    _bad_marker(f"{node.nodeid}: {problem}")  # outside the except: no chained traceback
+
+
 def _seed_everything(seed: int) -> None:
     import random
 
@@ -215,24 +159,11 @@ def pytest_runtest_setup(item):
     initialised from the global RNG then starts the same on every run (and matches its golden)."""
     if _SETTINGS not in item.config.stash or "gpt_trace" not in getattr(item, "fixturenames", ()):
         return
-    marker = item.get_closest_marker(MARKER)
     try:
-        seed = int((marker.kwargs if marker else {}).get("seed", 42))
-    except (TypeError, ValueError):
-        return  # the gpt_seed fixture reports it
-    _seed_everything(seed)
-
-
-def _marker_kwargs(request) -> dict:
-    marker = request.node.get_closest_marker(MARKER)
-    kwargs = dict(marker.kwargs) if marker else {}
-    unknown = set(kwargs) - set(_MARKER_KEYS)
-    if unknown or (marker and marker.args):
-        _bad_marker(
-            f"{request.node.nodeid}: @pytest.mark.{MARKER} takes keyword arguments "
-            f"{', '.join(_MARKER_KEYS)}; got {', '.join(sorted(unknown)) or 'positional arguments'}"
-        )
-    return kwargs
+        run = _parsed_run(item)
+    except ValueError:
+        return  # the fixtures fail the test with the reason (unless a skip mark skips it first)
+    _seed_everything(run.seed)
 
 
 @pytest.fixture
@@ -247,11 +178,7 @@ def gpt_config():
 def gpt_seed(request) -> int:
     """Init and data seed: the marker's seed=, else 42. torch, random and numpy are seeded with it
     before the model is built and again before the training loop."""
-    seed = _marker_kwargs(request).get("seed", 42)
-    try:
-        return int(seed)
-    except (TypeError, ValueError):
-        _bad_marker(f"{request.node.nodeid}: @pytest.mark.{MARKER}(seed={seed!r}): expected an integer")
+    return _run(request.node).seed
 
 
 @pytest.fixture
@@ -285,24 +212,25 @@ def gpt_optimizers(gpt_model):
 @pytest.fixture
 def gpt_trace(request, gpt_seed, gpt_model, gpt_batches, gpt_optimizers):
     """Runs the marked number of instrumented training iterations and returns the Trace."""
-    from .tracer import trace_training
+    from .errors import CaptureError
+    from .replay import variant_applied
+    from .tracer import select_stages, trace_training
 
     settings = request.config.stash[_SETTINGS]
-    kwargs = _marker_kwargs(request)
-    try:
-        _anomaly_settings(request.node)  # a bad allow=/thresholds= fails here, not in the report hook
-    except ValueError as exc:
-        _bad_marker(f"{request.node.nodeid}: @pytest.mark.{MARKER}: {exc}")
-    from .replay import variant_applied
-
+    run = _run(request.node)
+    if run.stages is not None:
+        try:
+            select_stages(gpt_model, run.stages)
+        except CaptureError as exc:
+            problem = str(exc)
+        else:
+            problem = None
+        if problem:
+            _bad_marker(f"{request.node.nodeid}: @pytest.mark.{MARKER}(stages={list(run.stages)!r}): {problem}")
     _seed_everything(gpt_seed)  # the loop's own randomness (dropout, sampled batches) repeats too
     with variant_applied(settings.replay or {}):  # a calibration replay's variant; nothing otherwise
-        trace = trace_training(
-            gpt_model, gpt_batches, gpt_optimizers,
-            iterations=int(kwargs.get("iterations", settings.iterations)),
-            micro_steps=int(kwargs.get("micro_steps", 1)),
-            stages=kwargs.get("stages"),
-        )
+        trace = trace_training(gpt_model, gpt_batches, gpt_optimizers, iterations=run.iterations,
+                               micro_steps=run.micro_steps, stages=run.stages)
     request.node.stash[_TRACE] = trace
     if settings.report_dir is not None and not settings.replay:  # a replay's trace is not the run's report
         _write_report(settings, request.node.nodeid, trace)
@@ -312,25 +240,17 @@ def gpt_trace(request, gpt_seed, gpt_model, gpt_batches, gpt_optimizers):
 @pytest.fixture
 def gpt_golden(request):
     """This test's golden trace: ``assert gpt_trace == gpt_golden``."""
-    from .compare import AUTO, get_profile
     from .golden import GoldenTrace
 
     settings = request.config.stash[_SETTINGS]
-    kwargs = _marker_kwargs(request)
-    profile = kwargs.get("profile") or settings.profile
-    if profile != AUTO:
-        try:
-            get_profile(profile)
-        except ValueError as exc:
-            _bad_marker(f"{request.node.nodeid}: {exc}")
-    overrides = list(settings.tolerances) + _marker_tolerances(request, kwargs.get("tolerances"))
+    run = _run(request.node)
     golden = GoldenTrace(
         nodeid=request.node.nodeid,
         golden_dir=settings.golden_dir,
         results_dir=settings.results_dir,
         rootdir=settings.rootdir,
-        profile_name=profile,
-        overrides=tuple(overrides),
+        profile_name=run.profile,
+        overrides=run.overrides,
         update=settings.update,
         recalibrate=settings.recalibrate,
         calibrator=_calibrator(request) if settings.update and settings.calibration else None,
@@ -360,23 +280,6 @@ def _calibrator(request):
         return Calibrated(measure(obtained, replays, k=CALIBRATED_K, floor=CALIBRATED_FLOOR), seconds)
 
     return calibrate
-
-
-def _marker_tolerances(request, tolerances) -> list:
-    from .compare import Override, Tolerance, parse_override
-
-    if not tolerances:
-        return []
-    try:
-        if isinstance(tolerances, dict):  # {"stage_glob stat_glob": dict(atol=..) | None}
-            out = []
-            for key, value in tolerances.items():
-                stage, _, stat = key.partition(" ")
-                out.append(Override(stage, stat.strip() or "*", None if value is None else Tolerance(**value)))
-            return out
-        return [parse_override(line) for line in tolerances]
-    except (TypeError, ValueError) as exc:
-        _bad_marker(f"{request.node.nodeid}: @pytest.mark.{MARKER}(tolerances=...): {exc}")
 
 
 def _write_report(settings, nodeid, trace):
@@ -416,11 +319,12 @@ def pytest_runtest_makereport(item, call):
         entry = call.excinfo.traceback[-1]
         where = f"{Path(str(entry.path)).name}:{entry.lineno + 1}: {str(entry.statement).strip()}"
         report.longrepr = "\n".join(golden.failure_lines() + [where])
-    anomalies = _anomalies(item, trace)
-    blocking = [a for a in anomalies if a.severity == "error"]
-    if blocking and report.when == "call" and (report.passed or (golden is not None and golden.failure)):
-        from .anomalies import render_text
+    from .anomalies import ERROR, INFO, detect, render_text
 
+    run = item.stash[_RUN]  # set before the gpt_trace fixture could run
+    anomalies = detect(trace, run.thresholds, allow=run.allow)
+    blocking = [a for a in anomalies if a.severity == ERROR]
+    if blocking and report.when == "call" and (report.passed or (golden is not None and golden.failure)):
         lines = [f"{len(blocking)} anomal{'y' if len(blocking) == 1 else 'ies'} in the trace: "
                  f"{blocking[0].symptom}"] + render_text(blocking, include_info=False)
         lines.append("to accept a rule for this test: @pytest.mark.gpt_trace(allow=[\"RULE\"]), "
@@ -431,41 +335,11 @@ def pytest_runtest_makereport(item, call):
         else:
             report.longrepr = str(report.longrepr) + "\n\n" + "\n".join(lines)
     summary = _summary(item, trace, golden)
-    summary["anomalies"] = [(a.severity, a.rule, a.symptom, a.where) for a in anomalies if a.severity != "info"]
-    summary["infos"] = sum(1 for a in anomalies if a.severity == "info")
+    summary["anomalies"] = [(a.severity.value, a.rule, a.symptom, a.where) for a in anomalies if a.severity != INFO]
+    summary["infos"] = sum(1 for a in anomalies if a.severity == INFO)
     report.user_properties.append((_PROPERTY, summary))
     if golden is not None and golden.written:
         report.user_properties.append((_UPDATED, (golden.written, golden.display(golden.path))))
-
-
-def _anomaly_settings(item):
-    """(thresholds, allowed rules) for a test: ini settings, then its marker. ValueError if invalid."""
-    from .anomalies import RULES, Thresholds
-
-    settings = item.config.stash[_SETTINGS]
-    marker = item.get_closest_marker(MARKER)
-    kwargs = marker.kwargs if marker else {}
-    extra = kwargs.get("thresholds") or {}
-    if not isinstance(extra, dict):
-        raise ValueError(f"thresholds= expects a dict of name -> number, got {type(extra).__name__}")
-    thresholds = Thresholds().updated({**settings.thresholds, **extra})
-    allow = kwargs.get("allow") or ()
-    if isinstance(allow, str):
-        allow = [allow]
-    unknown = [r for r in allow if r not in RULES]
-    if unknown:
-        raise ValueError(f"allow=: unknown rule {', '.join(map(repr, unknown))}; known: {', '.join(RULES)}")
-    return thresholds, list(settings.allow) + list(allow)
-
-
-def _anomalies(item, trace) -> list:
-    from .anomalies import detect
-
-    try:
-        thresholds, allow = _anomaly_settings(item)
-    except ValueError:
-        return []  # already reported: the gpt_trace fixture failed the test with the reason
-    return detect(trace, thresholds, allow=allow)
 
 
 def _summary(item, trace, golden) -> dict:
@@ -506,51 +380,26 @@ def _summary(item, trace, golden) -> dict:
 class _Collector:
     """Gathers per-test summaries from reports, so it works under xdist (reports cross processes)."""
 
-    def __init__(self, settings):
-        self.settings = settings
+    def __init__(self):
+        self.summaries: list[dict] = []
+        self.written: list[tuple[str, str]] = []
 
     def pytest_runtest_logreport(self, report):
         for key, value in getattr(report, "user_properties", ()):
             if key == _PROPERTY:
-                self.settings.summaries.append(value)
+                self.summaries.append(value)
             elif key == _UPDATED:
-                self.settings.written.append(tuple(value))
-
-
-def _sparkline(values) -> str:
-    bars = "▁▂▃▄▅▆▇█"
-    if not values:
-        return ""
-    lo, hi = min(values), max(values)
-    if hi - lo <= 1e-12 * max(abs(hi), 1.0):
-        return bars[3] * len(values)
-    return "".join(bars[min(7, int((v - lo) / (hi - lo) * 7.999))] for v in values)
+                self.written.append(tuple(value))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from .terminal import summary_lines
+
     if _SETTINGS not in config.stash or not config.stash[_SETTINGS].enabled:
         return
-    settings = config.stash[_SETTINGS]
-    summaries, written = settings.summaries, settings.written
-    if not summaries and not written:
+    collector = config.stash[_COLLECTOR]
+    if not collector.summaries and not collector.written:
         return
-    tr = terminalreporter
-    tr.write_sep("-", "gpt-trace")
-    for s in summaries:
-        loss = f"loss {s['loss'][0]:.6f} -> {s['loss'][1]:.6f}" if s["loss"] else "no loss"
-        golden = f"golden {s['golden']}" if s["golden"] else "no golden"
-        status = s["out_of_tolerance"]
-        if status.startswith("golden "):  # created, updated, missing, ...: the status names the file itself
-            golden = None
-        tr.write_line(f"{s['nodeid']}: {s['stages']} stages, {s['iterations']} iterations, {loss}, "
-                      f"{', '.join(filter(None, (status, golden)))}, "
-                      f"{len(s.get('anomalies', ()))} warnings/errors, {s.get('infos', 0)} infos")
-        for severity, rule, symptom, where in s.get("anomalies", ()):
-            tr.write_line(f"    {severity} [{rule}] {symptom}" + (f" ({where})" if where and where not in symptom else ""))
-        for line in s.get("drift", ()):
-            tr.write_line(f"    {line}")
-        if config.get_verbosity() > 0 and s["residual_std"]:
-            tr.write_line(f"    residual std by layer {_sparkline(s['residual_std'])} "
-                          f"({s['residual_std'][0]:.3g} .. {s['residual_std'][-1]:.3g})")
-    for action, path in written:
-        tr.write_line(f"golden {action}: {path}")
+    terminalreporter.write_sep("-", "gpt-trace")
+    for line in summary_lines(collector.summaries, collector.written, verbose=config.get_verbosity() > 0):
+        terminalreporter.write_line(line)

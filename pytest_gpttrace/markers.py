@@ -1,0 +1,131 @@
+"""The ``gpt_trace`` marker's arguments, read once per test into a frozen ``Run``.
+
+Plain Python (no pytest): ``parse_marker`` raises ValueError with a message that starts with the
+marker and names the argument at fault ("@pytest.mark.gpt_trace(iterations=2.7): expected ...");
+the plugin fails that test with it, prefixed by the test's node id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from .anomalies import Thresholds, check_rules
+from .compare import AUTO, PROFILES, Override, parse_override
+from .settings import Settings
+
+MARKER = "gpt_trace"
+KEYS = ("iterations", "seed", "profile", "tolerances", "stages", "micro_steps", "allow", "thresholds")
+DEFAULT_SEED = 42
+SEED_LIMIT = 2**64  # torch.manual_seed takes 0 .. 2**64 - 1 (a negative seed aliases a large one)
+
+
+@dataclass(frozen=True)
+class Run:
+    """How one traced test runs and is judged: its marker over the session's settings."""
+
+    iterations: int
+    seed: int
+    micro_steps: int
+    stages: tuple[str, ...] | None      # stage patterns; None: the default stages
+    profile: str                        # auto or a profile name
+    overrides: tuple[Override, ...]     # ini gpt_trace_tolerances, then the marker's tolerances=
+    allow: tuple[str, ...]              # ini gpt_trace_allow, then the marker's allow=
+    thresholds: Thresholds              # defaults, ini gpt_trace_thresholds, then the marker's thresholds=
+
+
+def parse_marker(args: Sequence, kwargs: Mapping, settings: Settings) -> Run:
+    """The marker's ``args`` and ``kwargs`` (none when the test has no marker) over ``settings``."""
+    unknown = set(kwargs) - set(KEYS)
+    if unknown or args:
+        raise ValueError(f"@pytest.mark.{MARKER} takes keyword arguments {', '.join(KEYS)}; "
+                         f"got {', '.join(sorted(unknown)) or 'positional arguments'}")
+    return Run(
+        iterations=_count(kwargs, "iterations", settings.iterations),
+        seed=_seed(kwargs.get("seed", DEFAULT_SEED)),
+        micro_steps=_count(kwargs, "micro_steps", 1),
+        stages=_stages(kwargs.get("stages")),
+        profile=_profile(kwargs.get("profile"), settings.profile),
+        overrides=settings.tolerances + _tolerances(kwargs.get("tolerances")),
+        allow=settings.allow + _allow(kwargs.get("allow")),
+        thresholds=_thresholds(kwargs.get("thresholds"), settings.thresholds),
+    )
+
+
+def _bad(argument: str, value, what: str) -> ValueError:
+    return ValueError(f"@pytest.mark.{MARKER}({argument}={value!r}): {what}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _count(kwargs: Mapping, name: str, default: int) -> int:
+    value = kwargs.get(name, default)
+    if not _is_int(value) or value < 1:
+        raise _bad(name, value, "expected a positive integer")
+    return value
+
+
+def _seed(value) -> int:
+    if not _is_int(value):
+        raise _bad("seed", value, "expected an integer")
+    if not 0 <= value < SEED_LIMIT:
+        raise _bad("seed", value, "expected an integer from 0 to 2**64 - 1 (the range of torch.manual_seed)")
+    return value
+
+
+def _lines(name: str, value) -> tuple[str, ...]:
+    """A string (one entry) or a list or tuple of strings."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise _bad(name, value, "expected a string or a list of strings")
+
+
+def _stages(value) -> tuple[str, ...] | None:
+    patterns = _lines("stages", value)
+    if any(not p.strip("+!") for p in patterns):
+        raise _bad("stages", value, "an empty stage pattern")
+    return patterns or None
+
+
+def _profile(value, default: str) -> str:
+    if value is None or value == "":
+        return default
+    if value != AUTO and value not in PROFILES:
+        raise _bad("profile", value, f"unknown tolerance profile: choose one of {', '.join([AUTO, *PROFILES])}")
+    return value
+
+
+def _tolerances(value) -> tuple[Override, ...]:
+    if isinstance(value, dict):
+        raise _bad("tolerances", value, "expected override lines ('STAGE_GLOB STAT_GLOB atol=X rtol=Y' or "
+                                        "'STAGE_GLOB STAT_GLOB skip'), a string or a list of strings, not a dict")
+    lines = _lines("tolerances", value)
+    try:
+        return tuple(parse_override(line) for line in lines)
+    except ValueError as exc:
+        raise ValueError(f"@pytest.mark.{MARKER}(tolerances=...): {exc}") from None
+
+
+def _allow(value) -> tuple[str, ...]:
+    rules = _lines("allow", value)
+    try:
+        return tuple(check_rules(rules, show=repr))
+    except ValueError as exc:
+        raise ValueError(f"@pytest.mark.{MARKER}: allow=: {exc}") from None
+
+
+def _thresholds(value, ini: Mapping[str, float]) -> Thresholds:
+    value = value or {}
+    if not isinstance(value, dict):
+        raise ValueError(f"@pytest.mark.{MARKER}: thresholds= expects a dict of name -> number, "
+                         f"got {type(value).__name__}")
+    try:
+        return Thresholds().updated({**ini, **value})
+    except ValueError as exc:
+        raise ValueError(f"@pytest.mark.{MARKER}: {exc}") from None
