@@ -80,6 +80,7 @@ class GoldenTrace:
     recalibrate: bool = False  # update mode: calibrate and rewrite even a matching golden
     calibrator: Callable[[Trace], Calibrated] | None = None  # obtained -> obtained with its band
     replay_out: Path | None = None  # a calibration replay: write the obtained trace here, compare nothing
+    named_path: Path | None = None  # the marker's golden=: this file, not one named from the node id
     command: str = "pytest --gpt-trace"
     # filled by the comparison
     path: Path | None = None
@@ -102,6 +103,8 @@ class GoldenTrace:
             return str(path)
 
     def path_for(self, trace: Trace) -> Path:
+        if self.named_path is not None:
+            return self.named_path
         return self.golden_dir / golden_relpath(self.nodeid, str(trace.environment.get("device_type", "cpu")))
 
     @property
@@ -145,6 +148,14 @@ class GoldenTrace:
                 golden = read_trace(self.path)
             except GptTraceError as exc:
                 self.error = exc
+        if self.update and self.named_path is not None and golden is not None \
+                and not golden.provenance.complete:
+            self.failure = [
+                f"golden {self.display(self.path)} is a report that lists a selection of the trace (named by "
+                "golden=): --update-golden does not overwrite it",
+                "to record a golden for this test, drop golden= or name a .json file",
+            ]
+            return False
         if self.update:
             return self._update(golden, obtained)
         if golden is None:

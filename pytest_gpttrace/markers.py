@@ -7,6 +7,7 @@ the plugin fails that test with it, prefixed by the test's node id.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -15,7 +16,8 @@ from .compare import AUTO, PROFILES, Override, parse_override
 from .settings import Settings
 
 MARKER = "gpt_trace"
-KEYS = ("iterations", "seed", "profile", "tolerances", "stages", "micro_steps", "allow", "thresholds")
+KEYS = ("iterations", "seed", "profile", "tolerances", "stages", "micro_steps", "allow", "thresholds",
+        "golden")
 DEFAULT_SEED = 42
 SEED_LIMIT = 2**64  # torch.manual_seed takes 0 .. 2**64 - 1 (a negative seed aliases a large one)
 
@@ -32,6 +34,7 @@ class Run:
     overrides: tuple[Override, ...]     # ini gpt_trace_tolerances, then the marker's tolerances=
     allow: tuple[str, ...]              # ini gpt_trace_allow, then the marker's allow=
     thresholds: Thresholds              # defaults, ini gpt_trace_thresholds, then the marker's thresholds=
+    golden: str | None = None           # the golden file named by golden=, relative to rootdir; None: from the node id
 
 
 def parse_marker(args: Sequence, kwargs: Mapping, settings: Settings) -> Run:
@@ -49,7 +52,19 @@ def parse_marker(args: Sequence, kwargs: Mapping, settings: Settings) -> Run:
         overrides=settings.tolerances + _tolerances(kwargs.get("tolerances")),
         allow=settings.allow + _allow(kwargs.get("allow")),
         thresholds=_thresholds(kwargs.get("thresholds"), settings.thresholds),
+        golden=_golden(kwargs.get("golden")),
     )
+
+
+def _golden(value) -> str | None:
+    """A golden file the test names itself (a JSON trace or a Markdown report)."""
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise _bad("golden", value, "expected the path of a trace file, relative to rootdir")
+    return value
 
 
 def _bad(argument: str, value, what: str) -> ValueError:

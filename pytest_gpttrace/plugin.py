@@ -72,7 +72,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         f"{MARKER}(iterations=3, seed=42, profile=None, tolerances=None, stages=None, micro_steps=1, "
-        "allow=(), thresholds=None): "
+        "allow=(), thresholds=None, golden=None): "
         "a GPT numerics trace test; see pytest-gpttrace's README",
     )
     from .settings import read_settings
@@ -255,6 +255,7 @@ def gpt_golden(request):
         recalibrate=settings.recalibrate,
         calibrator=_calibrator(request) if settings.update and settings.calibration else None,
         replay_out=Path(settings.replay["out"]) if settings.replay else None,
+        named_path=settings.rootdir / run.golden if run.golden else None,
     )
     request.node.stash[_GOLDEN] = golden
     return golden

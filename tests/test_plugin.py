@@ -429,3 +429,49 @@ def test_calibrated_golden_life_cycle(project):
     assert done.ret == 0, done.stdout.str()
     done.stdout.fnmatch_lines(["*golden recalibrated: golden/test_model/test_model.json (band of 3 replays (cap-default, threads-*, cap-default+threads-*), *"])
     assert "dither" not in json.loads(golden.read_text())["calibration"]["variants"].__repr__()
+
+
+NAMED_TEST = """
+import pytest
+
+@pytest.mark.gpt_trace(iterations=2, golden="reports/test_model/test_model.md")
+def test_named(gpt_trace, gpt_golden):
+    assert gpt_trace == gpt_golden
+
+@pytest.mark.gpt_trace(iterations=2, seed=43, golden="reports/test_model/test_model.md")
+def test_named_other_seed(gpt_trace, gpt_golden):
+    assert gpt_trace == gpt_golden
+"""
+
+
+def test_a_test_names_its_golden_file_and_a_markdown_report_serves(project):
+    """golden= names the file (here a Markdown report), read by the same reader as any golden:
+    the run that wrote the report matches it, another init does not, and no update rewrites it."""
+    p = project
+    run(p, "--gpt-trace", "--gpt-trace-report", "reports")  # no golden yet: fails, writes the report
+    report = p.path / "reports/test_model/test_model.md"
+    assert report.read_text().startswith("#")
+    p.makepyfile(test_named=NAMED_TEST)
+    result = run(p, "--gpt-trace", "test_named.py")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*traced tensors out of tolerance* (profile exact); first divergence: *",
+                                 "test_named.py::test_named: *0 of * out of tolerance*, golden reports/test_model/test_model.md*"])
+    before = report.read_bytes()
+    result = run(p, "--update-golden", "test_named.py::test_named_other_seed")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*golden reports/test_model/test_model.md is a report that lists a selection*"])
+    assert report.read_bytes() == before
+    assert not (p.path / "golden/test_named").exists()  # nothing written under the node id's name either
+
+
+def test_golden_must_name_a_path(project):
+    project.makepyfile(test_bad='''
+import pytest
+
+@pytest.mark.gpt_trace(golden=3)
+def test_bad(gpt_trace, gpt_golden):
+    assert gpt_trace == gpt_golden
+''')
+    result = run(project, "--gpt-trace", "test_bad.py")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*@pytest.mark.gpt_trace(golden=3): expected the path of a trace file, relative to rootdir*"])
