@@ -1,12 +1,12 @@
 """Writing trace files: durable atomic writes, no umask toggling, stale temporaries, one-line errors;
 the plugin's folders kept apart from the goldens; the CLI on a closed pipe and on a folder as output."""
 
+import errno
 import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,31 +17,12 @@ from pytest_gpttrace import traceio
 from pytest_gpttrace.errors import GptTraceError
 from pytest_gpttrace.tracer import trace_training
 from pytest_gpttrace.traceio import sweep_stale_temps, write_text_atomic
+from tests.projects import CONFTEST, TEST_FILE, ROOT, TINY_GOLDEN
 from tests.models import tiny_reference
 
 trace_training(*tiny_reference(), iterations=1)
 
 pytest_plugins = ["pytester"]
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_GOLDEN = ROOT / "golden" / "tests" / "test_traces" / "test_reference_model_tiny[tiny].json"
-
-CONFTEST = """
-import pytest
-from reference_model import GPTConfig
-
-@pytest.fixture
-def gpt_config():
-    return GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=16)
-"""
-
-TEST_FILE = """
-import pytest
-
-@pytest.mark.gpt_trace(iterations=2)
-def test_model(gpt_trace, gpt_golden):
-    assert gpt_trace == gpt_golden
-"""
 
 
 # --------------------------------------------------------------------------- write_text_atomic
@@ -130,16 +111,19 @@ def test_a_folder_as_the_file_is_one_line_naming_it(tmp_path):
         write_text_atomic(tmp_path / "out.json", "{}")
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_folder_is_one_line_naming_the_path(tmp_path):
+def test_a_read_only_folder_is_one_line_naming_the_path(tmp_path, monkeypatch):
+    """What a read-only folder does to the temporary file (made here the same for root, who may
+    write anywhere): the error names the golden, not the hidden temporary name."""
     folder = tmp_path / "golden"
     folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        with pytest.raises(GptTraceError, match=r"^cannot write .*golden/f\.json: its folder is not writable"):
-            write_text_atomic(folder / "f.json", "{}")
-    finally:
-        folder.chmod(0o700)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(folder / ".f.json.abcdefgh.tmp"))
+
+    monkeypatch.setattr(traceio.tempfile, "mkstemp", refused)
+    with pytest.raises(GptTraceError, match=r"^cannot write .*golden/f\.json: its folder is not writable") as caught:
+        write_text_atomic(folder / "f.json", "{}")
+    assert ".tmp" not in str(caught.value)
 
 
 # --------------------------------------------------------------------------- the CLI

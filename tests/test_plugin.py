@@ -10,29 +10,13 @@ import pytest
 # import torch, and let one tiny step pull in what torch imports lazily, before any run.
 import pytest_gpttrace.golden  # noqa: F401
 from pytest_gpttrace.tracer import trace_training
+from tests.projects import CONFTEST, TEST_FILE
 from tests.models import UserGPT, tiny_reference, user_batches
 
 trace_training(*tiny_reference(), iterations=1)
 trace_training(UserGPT(), user_batches(), None, iterations=1)
 
 pytest_plugins = ["pytester"]
-
-CONFTEST = """
-import pytest
-from reference_model import GPTConfig
-
-@pytest.fixture
-def gpt_config():
-    return GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=16)
-"""
-
-TEST_FILE = """
-import pytest
-
-@pytest.mark.gpt_trace(iterations=2)
-def test_model(gpt_trace, gpt_golden):
-    assert gpt_trace == gpt_golden
-"""
 
 GOLDEN = Path("golden/test_model/test_model.json")
 # the life cycle of uncalibrated goldens (format 1, exact); calibration has tests of its own below

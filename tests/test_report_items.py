@@ -3,7 +3,6 @@
 import json
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -14,31 +13,12 @@ from pytest_gpttrace.compare import compare
 from pytest_gpttrace.report import out_of_tolerance, render_comparison, render_drift, traced_tensors
 from pytest_gpttrace.trace import load
 from pytest_gpttrace.tracer import trace_training
+from tests.projects import CONFTEST, TEST_FILE, ROOT, TINY_GOLDEN
 from tests.models import tiny_reference
 
 trace_training(*tiny_reference(), iterations=1)
 
 pytest_plugins = ["pytester"]
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_GOLDEN = ROOT / "golden" / "tests" / "test_traces" / "test_reference_model_tiny[tiny].json"
-
-CONFTEST = """
-import pytest
-from reference_model import GPTConfig
-
-@pytest.fixture
-def gpt_config():
-    return GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=16)
-"""
-
-TEST_FILE = """
-import pytest
-
-@pytest.mark.gpt_trace(iterations=2)
-def test_model(gpt_trace, gpt_golden):
-    assert gpt_trace == gpt_golden
-"""
 
 
 def moved(trace, factor=1.5, sections=("forward", "stage_grads", "param_grads")):
