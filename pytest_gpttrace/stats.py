@@ -229,6 +229,11 @@ def prepare(path: str | None = None, device: torch.device | str = "cpu") -> tupl
         if want == "compiled":
             raise CaptureError(f"{ENV_VAR}=compiled, but {reason}")
         return "eager", reason
+    if _dispatch_mode_active():  # eager for this capture; the probe waits for a run without the mode
+        reason = "a TorchDispatchMode is active"
+        if want == "compiled":
+            raise CaptureError(f"{ENV_VAR}=compiled, but {reason}: torch.compile cannot run under it")
+        return "eager", reason
     reason = _COMPILED.probed.get(device)
     if device not in _COMPILED.probed:  # once per device and process
         probe = torch.linspace(-1.0, 1.0, FUSED_MIN_NUMEL, device=device)
@@ -269,9 +274,15 @@ def compiled_failures() -> dict[str, str]:
     return {f"{dtype} on {device}": v for (device, dtype), v in _COMPILED.failures.items()}
 
 
+def _dispatch_mode_active() -> bool:
+    """A TorchDispatchMode is on the stack (the dither of a calibration replay): torch.compile
+    refuses to run under one, and that says nothing about whether it can run without."""
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
 def _use_fused(x: torch.Tensor) -> bool:
     return (x.dtype in _FUSED_DTYPES and x.is_contiguous() and FUSED_MIN_NUMEL <= x.numel() <= _MAX_INT32
-            and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling() and not _dispatch_mode_active())
 
 
 def stats_vector(x: torch.Tensor, path: str = "eager") -> torch.Tensor | None:

@@ -77,3 +77,20 @@ def test_an_additive_mask_keeps_its_infinities():
     with KernelDither(1):
         out = x + mask
     assert torch.equal(torch.isinf(out), torch.isinf(mask)) and not torch.isnan(out).any()
+
+
+def test_a_dithered_capture_leaves_the_compiled_statistics_path_to_later_ones(monkeypatch):
+    """torch.compile cannot run under a dispatch mode: a dithered capture takes the eager path
+    for itself and records nothing about the compiled one, so the next capture compiles."""
+    from pytest_gpttrace import stats
+
+    monkeypatch.setattr(stats, "_COMPILED", stats._Compiled())  # a process that has not probed yet
+    monkeypatch.setenv(stats.ENV_VAR, "auto")
+    model, batches, opts = tiny_reference()
+    with KernelDither(2), capture(model) as cap:
+        pass
+    assert cap.stats_path == "eager" and "TorchDispatchMode" in cap.stats_note
+    assert stats._COMPILED.probed == {} and stats._COMPILED.failures == {}
+    with capture(model) as cap:
+        pass
+    assert cap.stats_path == "compiled"

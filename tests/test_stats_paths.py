@@ -110,7 +110,7 @@ EDGE_CASES = [
 
 
 @pytest.mark.parametrize("path, rtol", [("compiled", 1e-9), ("eager", 1e-6)])  # float64 / float32 sums
-def test_a_far_first_element_costs_no_digits_of_the_std(path, rtol):
+def test_a_far_first_element_costs_no_digits_of_the_std(path, rtol, fused_everywhere):
     """The shift comes from near the mean, so the sums keep their digits (a shift from the first
     element left the compiled std 4.5e-6 off)."""
     x = sparse_gradient()
