@@ -35,10 +35,12 @@ import os
 import threading
 import warnings
 import weakref
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic
 
 import torch
+from typing_extensions import TypeVar  # a TypeVar with a default (typing's own from 3.13); torch requires it
 
 from .errors import CaptureError
 from .trace import TensorStats
@@ -64,7 +66,7 @@ class TensorMeta:
     values: int  # values summarised: numel, twice that for a complex tensor (real and imaginary parts)
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> "TensorMeta":
+    def of(cls, x: torch.Tensor) -> TensorMeta:
         n = x.numel()
         return cls(tuple(x.shape), str(x.dtype), str(x.device), n, 2 * n if x.is_complex() else n)
 
@@ -143,14 +145,14 @@ def _eager(x: torch.Tensor) -> torch.Tensor:
 class _Compiled:
     """The compiled fused kernel, built once per process; a dtype whose compile fails falls back."""
 
-    def __init__(self):
-        self._fn = None
+    def __init__(self) -> None:
+        self._fn: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._lock = threading.Lock()
         self.failures: dict[tuple[str, torch.dtype], str] = {}  # (device type, dtype) -> why
         self.probed: dict[torch.device, str | None] = {}  # device -> why the probe failed, or None
         self._built: set[tuple[str, torch.dtype]] = set()  # (device type, dtype) compiled already
 
-    def function(self):
+    def function(self) -> Callable[[torch.Tensor], torch.Tensor]:
         with self._lock:
             if self._fn is None:
                 self._fn = torch.compile(_fused, dynamic=True, fullgraph=True)
@@ -179,7 +181,7 @@ class _Compiled:
 
 
 @contextlib.contextmanager
-def _compiler_logs_muted():
+def _compiler_logs_muted() -> Iterator[None]:
     """Keep the compiler's trace records (empty DEBUG lines of ``torch.__trace``) out of the log
     a test run captures and shows with a failure; the logger's own settings come back afterwards."""
     logger = logging.getLogger("torch.__trace")
@@ -225,16 +227,16 @@ def prepare(path: str | None = None, device: torch.device | str = "cpu") -> tupl
     device = torch.device(device)
     if _dynamo_disabled():
         # the "compiled" function would run as plain Python: float64 copies of every tensor
-        reason = "torch.compile is disabled (TORCH_COMPILE_DISABLE=1)"
+        why = "torch.compile is disabled (TORCH_COMPILE_DISABLE=1)"
         if want == "compiled":
-            raise CaptureError(f"{ENV_VAR}=compiled, but {reason}")
-        return "eager", reason
+            raise CaptureError(f"{ENV_VAR}=compiled, but {why}")
+        return "eager", why
     if _dispatch_mode_active():  # eager for this capture; the probe waits for a run without the mode
-        reason = "a TorchDispatchMode is active"
+        why = "a TorchDispatchMode is active"
         if want == "compiled":
-            raise CaptureError(f"{ENV_VAR}=compiled, but {reason}: torch.compile cannot run under it")
-        return "eager", reason
-    reason = _COMPILED.probed.get(device)
+            raise CaptureError(f"{ENV_VAR}=compiled, but {why}: torch.compile cannot run under it")
+        return "eager", why
+    reason: str | None = _COMPILED.probed.get(device)
     if device not in _COMPILED.probed:  # once per device and process
         probe = torch.linspace(-1.0, 1.0, FUSED_MIN_NUMEL, device=device)
         with torch.no_grad():
@@ -302,7 +304,7 @@ def stats_vector(x: torch.Tensor, path: str = "eager") -> torch.Tensor | None:
         return _eager(x)
 
 
-def from_row(meta: TensorMeta, row) -> TensorStats:
+def from_row(meta: TensorMeta, row: Sequence[float] | None) -> TensorStats:
     """Turn one host row of raw reductions into TensorStats."""
     n = meta.values
     if row is None or n == 0:
@@ -336,21 +338,29 @@ def from_row(meta: TensorMeta, row) -> TensorStats:
     )
 
 
-class StatsBatch:
-    """Gathers stats vectors and reads them back to the host in one copy per device."""
+# the key of a summarised tensor, and of a value read back with the batch; any hashable unless typed
+K = TypeVar("K", bound=Hashable, default=Hashable)
+E = TypeVar("E", bound=Hashable, default=Hashable)
+
+
+class StatsBatch(Generic[K, E]):
+    """Gathers stats vectors and reads them back to the host in one copy per device.
+
+    Tensors are added under keys of type K (the tracer's are typed: section and stage), values read
+    back with them (the loss) under keys of type E."""
 
     def __init__(self, path: str = "eager"):
         self.path = path
-        self._items: list[tuple[Any, TensorMeta | None, torch.Tensor | None]] = []
-        self._extras: list[tuple[Any, torch.Tensor, bool]] = []  # (key, float64 values, read as a scalar)
+        self._items: list[tuple[K, TensorMeta | None, torch.Tensor | None]] = []
+        self._extras: list[tuple[E, torch.Tensor, bool]] = []  # (key, float64 values, read as a scalar)
         # the same tensor object seen twice (a tap on a block's input is the previous block's output,
         # and its gradient is one tensor too): id -> (weak reference, version, vector)
-        self._seen: dict[int, tuple[weakref.ref, int, torch.Tensor | None]] = {}
+        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor | None]] = {}
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, key, x: torch.Tensor) -> None:
+    def add(self, key: K, x: torch.Tensor) -> None:
         reusable = not x.is_inference()  # inference tensors have no version counter
         hit = self._seen.get(id(x)) if reusable else None
         if hit is not None and hit[0]() is x and hit[1] == x._version:
@@ -358,25 +368,23 @@ class StatsBatch:
         else:
             vector = stats_vector(x, self.path)
             if reusable:
-                try:
+                with contextlib.suppress(TypeError):  # a tensor type without weak references: no reuse
                     self._seen[id(x)] = (weakref.ref(x), x._version, vector)
-                except TypeError:  # a tensor type without weak references: no reuse
-                    pass
         self._items.append((key, TensorMeta.of(x), vector))
 
-    def add_missing(self, key) -> None:
+    def add_missing(self, key: K) -> None:
         """A slot for a tensor that does not exist (a parameter without a gradient)."""
         self._items.append((key, None, None))
 
-    def add_scalar(self, key, x: torch.Tensor) -> None:
+    def add_scalar(self, key: E, x: torch.Tensor) -> None:
         """A scalar read back with the batch (the loss), as a float."""
         self._extras.append((key, x.detach().reshape(1).to(torch.float64), True))
 
-    def add_values(self, key, values: torch.Tensor) -> None:
+    def add_values(self, key: E, values: torch.Tensor) -> None:
         """A 1-D tensor of values read back with the batch, as a list of floats."""
         self._extras.append((key, values.detach().reshape(-1).to(torch.float64), False))
 
-    def finish(self) -> tuple[list[tuple[Any, TensorStats | None]], dict[Any, Any]]:
+    def finish(self) -> tuple[list[tuple[K, TensorStats | None]], dict[E, float | list[float]]]:
         """One host copy per device. Returns [(key, TensorStats or None)] in the order added, and
         a dict of the scalars (floats) and value vectors (lists of floats)."""
         flat: list[torch.Tensor] = [v for _, _, v in self._items if v is not None]
@@ -392,25 +400,27 @@ class StatsBatch:
             for i in idxs:
                 host[i] = values[at:at + sizes[i]]
                 at += sizes[i]
-        out, k = [], 0
-        for key, meta, v in self._items:
+        out: list[tuple[K, TensorStats | None]] = []
+        k = 0
+        for key, meta, vector in self._items:
             if meta is None:
                 out.append((key, None))
-            elif v is None:
+            elif vector is None:
                 out.append((key, from_row(meta, None)))
             else:
                 out.append((key, from_row(meta, host[k])))
                 k += 1
-        extra: dict[Any, Any] = {}
-        for j, (key, _, scalar) in enumerate(self._extras):
-            extra[key] = host[k + j][0] if scalar else host[k + j]
+        extra: dict[E, float | list[float]] = {}
+        for j, (extra_key, _, scalar) in enumerate(self._extras):
+            extra[extra_key] = host[k + j][0] if scalar else host[k + j]
         self._items, self._extras, self._seen = [], [], {}
         return out, extra
 
 
 def tensor_stats(x: torch.Tensor, path: str = "eager") -> TensorStats:
     """Statistics of one tensor (reads back to the host: for use outside a traced step)."""
-    batch = StatsBatch(path)
+    batch: StatsBatch = StatsBatch(path)
     batch.add(0, x)
     (_, stats), = batch.finish()[0]
+    assert stats is not None  # None only for a slot added as missing
     return stats

@@ -19,6 +19,11 @@ value back to the host. A module called twice in one iteration is recorded as ``
 
 Statistics run on the fused compiled kernel when it is available (see ``stats``); it is compiled
 when the capture starts, not inside the first step, and the trace's environment says which path ran.
+
+A model on the meta device is refused (its tensors have shapes but no values); a frozen model is
+traced forward only by ``capture``, and refused by ``trace_training``, which has no backward to run.
+The parts ``Capture`` is built from (the iteration in progress and the typed keys into its stats
+batch, the host clock, the zero census, the statistics path) are in ``recording``.
 """
 
 from __future__ import annotations
@@ -26,18 +31,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import itertools
 import platform
 import sys
-import time
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
 
-from .errors import CaptureError
-from . import stats as _stats
 from .dither import undithered
-from .stats import StatsBatch
+from .errors import CaptureError
+from .recording import PendingIteration, StatsPathChoice, ZeroCensus
 from .trace import Iteration, Trace
 
 TAP_CLASS_NAMES = ("Tap", "HookPoint")
@@ -69,7 +75,7 @@ def select_stages(model: nn.Module, patterns: Sequence[str] | None = None) -> li
         if not p:
             raise CaptureError(f"empty stage pattern in {patterns!r}")
 
-    def match(name, pats):
+    def match(name: str, pats: Sequence[str]) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in pats)
 
     chosen = {n for n, _ in default if not keep or match(n, keep)}
@@ -85,7 +91,7 @@ def select_stages(model: nn.Module, patterns: Sequence[str] | None = None) -> li
     return selected
 
 
-def _tensors(output, prefix=""):
+def _tensors(output: object, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """(suffix, tensor) for a module output: a tensor, or tensors inside a tuple/list/dict."""
     if isinstance(output, torch.Tensor):
         yield prefix, output
@@ -97,7 +103,7 @@ def _tensors(output, prefix=""):
             yield from _tensors(item, f"{prefix}[{k}]")
 
 
-def model_config(model: nn.Module) -> dict:
+def model_config(model: nn.Module) -> dict[str, Any]:
     config = getattr(model, "config", None)
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         return dataclasses.asdict(config)
@@ -117,10 +123,10 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_provenance(device: torch.device) -> dict:
+def device_provenance(device: torch.device) -> dict[str, str | bool]:
     """The device's name and kernel level: the CPU model and the ISA torch dispatches to, or the GPU
     name and compute capability, and the matmul precision flags that change what kernels compute."""
-    out = {"matmul_precision": torch.get_float32_matmul_precision()}
+    out: dict[str, str | bool] = {"matmul_precision": torch.get_float32_matmul_precision()}
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         out.update(device_name=torch.cuda.get_device_name(device), cpu_capability=f"sm_{major}{minor}",
@@ -132,7 +138,7 @@ def device_provenance(device: torch.device) -> dict:
 
 
 def environment(model: nn.Module, stats_path: str = "eager", stats_note: str | None = None,
-                autocast: Sequence[str] = ()) -> dict:
+                autocast: Sequence[str] = ()) -> dict[str, str | int | bool]:
     param = next(model.parameters(), None)
     floating = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -152,187 +158,151 @@ def environment(model: nn.Module, stats_path: str = "eager", stats_note: str | N
 
 
 class Capture:
-    """Hooks on a model's stages; builds one Iteration per forward/backward. Use through ``capture``."""
+    """Hooks on a model's stages; builds one Iteration per forward/backward. Use through ``capture``.
+
+    The hooks queue statistics on the iteration in progress (``recording.PendingIteration``);
+    ``end_iteration`` adds the parameter gradients and turns it into an Iteration with one host copy.
+    """
 
     def __init__(self, model: nn.Module, stages: Sequence[str] | None = None, *,
                  grads: bool = True, param_grads: bool = True, stats_path: str | None = None):
+        _refuse_meta(model)
         self.model = model
         self.grads = grads
         self.param_grads = param_grads
         self.stages = select_stages(model, stages)
-        self.requested_path = _stats.requested_path(stats_path)
-        self.stats_path = "eager"
-        self.stats_note: str | None = None
         self.iterations: list[Iteration] = []
-        self.zero_params: tuple[str, ...] | None = None
-        self._zero_counts: torch.Tensor | None = None
-        self._zero_names: list[str] = []
-        self.last_overhead_s: float | None = None  # host seconds the capture added to the last iteration
-        self._handles: list = []
-        self._tensor_handles: list = []
-        self._active = False
         self.autocast: set[str] = set()  # autocast dtypes seen active in a traced forward
-        self._device_type = next((p.device.type for p in model.parameters()), "cpu")
-        self._reset()
+        self.last_overhead_s: float | None = None  # host seconds the capture added to the last iteration
+        self._path = StatsPathChoice(stats_path)
+        self._census = ZeroCensus()
+        self._pending = PendingIteration(self._path.path)
+        self._module_hooks: list[RemovableHandle] = []
+        self._active = False
+        self._device = _device_of(model)
 
-    def _reset(self):
-        self._hook_seconds = 0.0
-        self._batch = StatsBatch(self.stats_path)
-        self._seen: dict[str, int] = {}
-        self._grad_seen: dict[str, int] = {}
+    @property
+    def requested_path(self) -> str:
+        return self._path.requested
+
+    @property
+    def stats_path(self) -> str:
+        """The statistics path that runs (resolved when the capture starts)."""
+        return self._path.path
+
+    @property
+    def stats_note(self) -> str | None:
+        return self._path.note
+
+    @property
+    def zero_params(self) -> tuple[str, ...] | None:
+        """The parameters that were exactly zero when the capture began (None until the first iteration)."""
+        return self._census.zero_params
 
     # -- hooks -----------------------------------------------------------------
-    def _unique(self, name: str, seen: dict) -> str:
-        n = seen.get(name, 0) + 1
-        seen[name] = n
-        return name if n == 1 else f"{name}#{n}"
-
-    def _forward_hook(self, name: str):
-        def hook(module, args, output):
+    def _forward_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self._active:
-                return None
-            start = time.perf_counter()
-            if torch.is_autocast_enabled(self._device_type):
-                self.autocast.add(f"{self._device_type} {torch.get_autocast_dtype(self._device_type)}")
-            for suffix, t in _tensors(output):
-                stage = self._unique(name + suffix, self._seen)
-                with undithered():
-                    self._batch.add(("forward", stage), t)
-                if self.grads and t.requires_grad:
-                    self._tensor_handles.append(t.register_hook(self._grad_hook(stage)))
-            self._hook_seconds += time.perf_counter() - start
-            return None
+                return
+            pending, device_type = self._pending, self._device.type
+            with pending.clock:
+                if torch.is_autocast_enabled(device_type):
+                    self.autocast.add(f"{device_type} {torch.get_autocast_dtype(device_type)}")
+                for suffix, t in _tensors(output):
+                    with undithered():
+                        stage = pending.forward(name + suffix, t)
+                    if self.grads and t.requires_grad:
+                        # torch leaves Tensor.register_hook unannotated
+                        handle = t.register_hook(self._grad_hook(stage))  # type: ignore[no-untyped-call]
+                        pending.keep_hook(handle)
         return hook
 
-    def _grad_hook(self, stage: str):
-        def hook(grad):
+    def _grad_hook(self, stage: str) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
             if self._active:
-                start = time.perf_counter()
-                with undithered():
-                    self._batch.add(("stage_grads", self._unique(stage, self._grad_seen)), grad)
-                self._hook_seconds += time.perf_counter() - start
-            return None
+                pending = self._pending
+                with pending.clock, undithered():
+                    pending.stage_grad(stage, grad)
         return hook
 
     # -- lifecycle -------------------------------------------------------------
-    def _count_nonzero_params(self) -> None:
-        """Count each parameter's non-zero entries now, before any step (zero-init choices); the
-        counts travel to the host with the first iteration's statistics."""
-        params = [(name, p) for name, p in self.model.named_parameters() if p.numel()]
-        self._zero_names = [name for name, _ in params]
-        self._zero_counts = None
-        if not params:
-            self.zero_params = ()
-            return
-        with torch.no_grad():
-            device = params[0][1].device
-            self._zero_counts = torch.stack([torch.count_nonzero(p.detach()).to(device) for _, p in params])
-
-    def _read_zero_params(self, counts) -> None:
-        self.zero_params = tuple(name for name, n in zip(self._zero_names, counts) if n == 0)
-
-    def __enter__(self) -> "Capture":
-        if self._handles:
+    def __enter__(self) -> Capture:
+        if self._module_hooks:
             raise CaptureError("this capture is already active: enter it once (nested `with cap:` would "
                                "record every stage twice)")
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        self.stats_path, self.stats_note = _stats.prepare(self.requested_path, device)
-        self._reset()
-        self._count_nonzero_params()
+        self._device = _device_of(self.model)
+        self._path.resolve(self._device)
+        self._next_iteration()
+        self._census.take(self.model)
         self._active = True
         try:
             for name, module in self.stages:
-                self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+                self._module_hooks.append(module.register_forward_hook(self._forward_hook(name)))
         except BaseException:
             self._remove()
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._remove()
 
-    def _remove(self):
+    def _remove(self) -> None:
         self._active = False
-        for h in self._handles + self._tensor_handles:
-            h.remove()
-        self._handles, self._tensor_handles = [], []
+        for handle in self._module_hooks:
+            handle.remove()
+        self._module_hooks = []
+        self._pending.close()
+
+    def _next_iteration(self) -> None:
+        """Close the iteration in progress (its tensor hooks removed) and start an empty one."""
+        self._pending.close()
+        self._pending = PendingIteration(self._path.path)
 
     def discard_iteration(self) -> None:
         """Drop what the current iteration has recorded so far (a step that raised and was skipped)."""
-        for h in self._tensor_handles:
-            h.remove()
-        self._tensor_handles = []
-        self._reset()
+        self._next_iteration()
 
     @contextlib.contextmanager
-    def paused(self):
+    def paused(self) -> Iterator[Capture]:
         """Steps inside this block are not traced: the hooks stay registered and return at once.
         Use it between iterations (to trace every k-th step of a long run, say)."""
-        if len(self._batch) or self._seen:
+        if not self._pending.empty:
             raise CaptureError("paused() inside an iteration: call end_iteration() first")
         was, self._active = self._active, False
         try:
             yield self
         finally:
             self._active = was
-            self._reset()
+            self._next_iteration()
 
     def end_iteration(self, loss: torch.Tensor | float | None = None, stepped: bool | None = None,
-                      lr: dict | None = None) -> Iteration:
+                      lr: Mapping[str, float] | None = None) -> Iteration:
         """Close the current iteration: record parameter gradients, copy to the host once."""
         with undithered():
-            return self._end_iteration(loss, stepped, lr)
+            return self._end_iteration(loss, stepped, lr or {})
 
-    def _end_iteration(self, loss, stepped, lr) -> Iteration:
-        start = time.perf_counter()
-        batch = self._batch
-        if self.param_grads:
-            for name, p in self.model.named_parameters():
-                if not p.requires_grad:
-                    continue  # frozen: no gradient by design (listed in the trace's frozen_params)
-                if p.grad is None:
-                    batch.add_missing(("param_grads", name))
-                else:
-                    batch.add(("param_grads", name), p.grad)
-        if isinstance(loss, torch.Tensor):
-            batch.add_scalar("loss", loss)
-        if self._zero_counts is not None:
-            batch.add_values("zero_counts", self._zero_counts)
-            self._zero_counts = None
-        rows, extra = batch.finish()
-        if "zero_counts" in extra:
-            self._read_zero_params(extra["zero_counts"])
-        sections: dict[str, dict] = {"forward": {}, "stage_grads": {}, "param_grads": {}}
-        for (section, stage), stats in rows:
-            sections[section][stage] = stats
-        loss_value = extra.get("loss", loss if isinstance(loss, (int, float)) else None)
-        it = Iteration(
-            index=len(self.iterations),
-            loss=None if loss_value is None else float(loss_value),
-            stepped=stepped,
-            lr=dict(lr or {}),
-            forward=sections["forward"],
-            stage_grads=sections["stage_grads"],
-            param_grads=sections["param_grads"],
-        )
-        self.iterations.append(it)
-        for h in self._tensor_handles:
-            h.remove()
-        self._tensor_handles = []
+    def _end_iteration(self, loss: torch.Tensor | float | None, stepped: bool | None,
+                       lr: Mapping[str, float]) -> Iteration:
+        pending = self._pending
+        with pending.clock:
+            if self.param_grads:
+                for name, p in self.model.named_parameters():
+                    if p.requires_grad:  # a frozen one has no gradient by design (the trace's frozen_params)
+                        pending.param_grad(name, p.grad)
+            self._census.send(pending.batch)
+            it, extras = pending.finish(len(self.iterations), loss, stepped, lr)
+            self._census.receive(extras)
+            self.iterations.append(it)
+            pending.close()
         # host time the capture added to this iteration: its hooks and this call (on a GPU, hooks
         # only launch kernels, so this is the launch cost, not the kernels' device time)
-        self.last_overhead_s = self._hook_seconds + (time.perf_counter() - start)
-        self._reset()
+        self.last_overhead_s = pending.clock.seconds
+        self._next_iteration()
         return it
 
     def path_note(self) -> str | None:
         """Why statistics ran (partly) eager: the fallback reason, or the dtypes that failed to compile."""
-        if self.stats_path != "compiled":
-            return self.stats_note
-        failed = _stats.compiled_failures()
-        if not failed:
-            return None
-        return "eager for " + "; ".join(f"{dtype} ({why})" for dtype, why in failed.items())
+        return self._path.explain()
 
     def trace(self) -> Trace:
         return Trace(
@@ -346,6 +316,20 @@ class Capture:
         )
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _refuse_meta(model: nn.Module) -> None:
+    """A model on the meta device has shapes but no values: there is nothing to summarise."""
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_meta:
+            raise CaptureError(
+                f"{type(model).__name__} is on the meta device ({name!r} has a shape but no values): "
+                "materialise it before tracing (model.to_empty(device=...), then initialise its weights)"
+            )
+
+
 def capture(model: nn.Module, stages: Sequence[str] | None = None, *, grads: bool = True,
             param_grads: bool = True, stats_path: str | None = None) -> Capture:
     """Context manager hooking every stage of ``model``; hooks are removed on exit, also on error.
@@ -356,7 +340,10 @@ def capture(model: nn.Module, stages: Sequence[str] | None = None, *, grads: boo
 
 
 # ------------------------------------------------------------------------------ training loop
-def _as_list(optimizers) -> list:
+Optimizers = torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None
+
+
+def _as_list(optimizers: Optimizers) -> list[torch.optim.Optimizer]:
     if optimizers is None:
         return []
     if isinstance(optimizers, torch.optim.Optimizer):
@@ -364,19 +351,19 @@ def _as_list(optimizers) -> list:
     return list(optimizers)
 
 
-def learning_rates(optimizers) -> dict[str, float]:
+def learning_rates(optimizers: Optimizers) -> dict[str, float]:
     """Every param group's current lr, keyed "<Optimizer>[group]" (an index prefix when types repeat)."""
     opts = _as_list(optimizers)
     names = [type(o).__name__ for o in opts]
     out = {}
-    for i, (opt, name) in enumerate(zip(opts, names)):
+    for i, (opt, name) in enumerate(zip(opts, names, strict=True)):
         label = name if names.count(name) == 1 else f"{i}:{name}"
         for g, group in enumerate(opt.param_groups):
             out[f"{label}[{g}]"] = float(group["lr"])
     return out
 
 
-def default_loss(model: nn.Module, batch) -> torch.Tensor:
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """model(*batch) when it returns the loss; the scalar element when it returns (logits, loss)."""
     out = model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
     if isinstance(out, torch.Tensor) and out.numel() == 1:
@@ -391,15 +378,35 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
     )
 
 
+def _differentiable(model: nn.Module, loss: object) -> torch.Tensor:
+    """The loss, if backward() can run on it; else the one-line reason why not (a frozen model)."""
+    name = type(model).__name__
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else f"a {type(loss).__name__}"
+        raise CaptureError(f"the loss of {name} is {what}, not a scalar tensor: trace_training needs a loss "
+                           "to call backward() on")
+    if not loss.requires_grad:
+        params = list(model.parameters())
+        if params and not any(p.requires_grad for p in params):
+            raise CaptureError(
+                f"every parameter of {name} is frozen (requires_grad=False), so trace_training has no backward "
+                "to run: unfreeze what should train (model.requires_grad_(True)), or trace a forward pass with "
+                "capture(model)"
+            )
+        raise CaptureError(f"the loss of {name} does not require grad (computed under torch.no_grad(), or "
+                           "detached), so trace_training cannot call backward() on it")
+    return loss
+
+
 def trace_training(
     model: nn.Module,
-    batches: Iterable,
-    optimizers=None,
+    batches: Iterable[Any],
+    optimizers: Optimizers = None,
     iterations: int = 3,
     *,
     micro_steps: int = 1,
     stages: Sequence[str] | None = None,
-    loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     grads: bool = True,
     stats_path: str | None = None,
 ) -> Trace:
@@ -415,18 +422,19 @@ def trace_training(
         raise ValueError(f"micro_steps must be at least 1, got {micro_steps}")
     opts = _as_list(optimizers)
     loss_fn = loss_fn or default_loss
-    batches = iter(batches)
+    stream = iter(batches)
     model.train()
     for opt in opts:
         opt.zero_grad(set_to_none=True)
     with capture(model, stages, grads=grads, stats_path=stats_path) as cap:
         for i in range(iterations):
             try:
-                batch = next(batches)
+                batch = next(stream)
             except StopIteration:
                 raise CaptureError(f"the batches ran out after {i} of {iterations} iterations") from None
-            loss = loss_fn(model, batch)
-            (loss / micro_steps if micro_steps > 1 else loss).backward()
+            loss = _differentiable(model, loss_fn(model, batch))
+            # torch leaves Tensor.backward unannotated
+            (loss / micro_steps if micro_steps > 1 else loss).backward()  # type: ignore[no-untyped-call]
             stepped = bool(opts) and (i + 1) % micro_steps == 0
             lr = learning_rates(opts)
             cap.end_iteration(loss=loss, stepped=stepped, lr=lr)

@@ -3,8 +3,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pytest_gpttrace import capture, stats, trace_training
-from pytest_gpttrace.tracer import select_stages
 from pytest_gpttrace.errors import CaptureError
+from pytest_gpttrace.tracer import select_stages
 from tests.models import TINY, UserGPT, tiny_reference, user_batches
 
 
@@ -88,7 +88,10 @@ def test_user_model_without_taps_is_traced_per_leaf_module():
     assert "layers.0.ln#2" in it.forward  # called twice: recorded twice, not overwritten
     assert it.forward["layers.0.ln"] != it.forward["layers.0.ln#2"]
     assert "head" in it.stage_grads and "layers.0.ln#2" in it.stage_grads
-    assert "pos_emb" not in it.stage_grads or it.stage_grads["pos_emb"].numel > 0
+    # pos_emb looks up positions (no gradient flows into its input), but its output feeds the loss:
+    # its gradient is recorded with the output's shape (T, d), the batch of one summed out
+    pos_grad = it.stage_grads["pos_emb"]
+    assert pos_grad.shape == (16, 16) and pos_grad.mean == pytest.approx(it.stage_grads["tok_emb"].mean, rel=1e-6)
     assert it.param_grads["head.weight"].numel == 64 * 16
     assert it.loss == pytest.approx(trace.iterations[0].loss) and trace.iterations[1].loss < it.loss
     assert trace.config == {} and trace.model == "UserGPT"
@@ -96,10 +99,9 @@ def test_user_model_without_taps_is_traced_per_leaf_module():
 
 def test_hooks_are_removed_after_an_exception():
     model, batches, _ = tiny_reference()
-    with pytest.raises(RuntimeError, match="boom"):
-        with capture(model):
-            model(*next(batches))
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), capture(model):
+        model(*next(batches))
+        raise RuntimeError("boom")
     assert not any(m._forward_hooks for m in model.modules())
 
 
@@ -155,3 +157,95 @@ def test_batches_that_run_out_are_reported():
     model, batches, _ = tiny_reference()
     with pytest.raises(CaptureError, match="ran out after 1 of 3"):
         trace_training(model, [next(batches)], None, iterations=3)
+
+
+def stage_outputs(model):
+    """Every tensor the model's leaf modules return, kept to look at their hooks afterwards."""
+    kept = []
+    handles = [m.register_forward_hook(lambda m, i, o: kept.append(o)) for m in model.modules()
+               if next(m.children(), None) is None]
+    return kept, handles
+
+
+@pytest.mark.parametrize("close", ["discard_iteration", "end_iteration", "exit"])
+def test_tensor_hooks_are_removed_however_an_iteration_closes(close):
+    model = UserGPT()
+    idx, targets = next(user_batches())
+    kept, handles = stage_outputs(model)
+    with capture(model) as cap:
+        model(idx, targets)  # no backward: the gradient hooks are still waiting
+        hooked = [t for t in kept if isinstance(t, torch.Tensor) and t.requires_grad]
+        assert hooked and all(t._backward_hooks for t in hooked)
+        if close != "exit":
+            getattr(cap, close)()
+        if close == "discard_iteration":
+            assert not cap.iterations
+    for h in handles:
+        h.remove()
+    assert not any(t._backward_hooks for t in hooked)
+
+
+@pytest.mark.parametrize("run", ["capture", "trace_training"])
+def test_a_model_on_the_meta_device_is_refused_up_front(run):
+    with torch.device("meta"):
+        model = UserGPT()
+    with pytest.raises(CaptureError) as info:
+        if run == "capture":
+            capture(model)
+        else:
+            trace_training(model, user_batches(), None, iterations=1)
+    message = str(info.value)
+    assert message == ("UserGPT is on the meta device ('tok_emb.weight' has a shape but no values): materialise it "
+                       "before tracing (model.to_empty(device=...), then initialise its weights)")
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_a_meta_buffer_is_refused_too():
+    model = UserGPT()
+    model.register_buffer("mask", torch.empty(4, device="meta"))
+    with pytest.raises(CaptureError, match=r"^UserGPT is on the meta device \('mask' has a shape but no values\)"):
+        capture(model)
+
+
+def test_a_frozen_model_is_refused_by_trace_training_in_one_line():
+    model = UserGPT().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(CaptureError) as info:
+        trace_training(model, user_batches(), opt, iterations=2)
+    assert str(info.value) == (
+        "every parameter of UserGPT is frozen (requires_grad=False), so trace_training has no backward to run: "
+        "unfreeze what should train (model.requires_grad_(True)), or trace a forward pass with capture(model)")
+    assert not any(m._forward_hooks for m in model.modules())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_frozen_model_is_traced_forward_only_by_capture():
+    model = UserGPT().requires_grad_(False)
+    idx, targets = next(user_batches())
+    with capture(model) as cap:
+        _, loss = model(idx, targets)
+        it = cap.end_iteration(loss=loss, stepped=False)
+    trace = cap.trace()
+    assert list(it.forward)[:2] == ["tok_emb", "pos_emb"] and "head" in it.forward
+    assert it.stage_grads == {} and it.param_grads == {}  # no gradient: none expected, none missing
+    assert trace.frozen_params == tuple(n for n, _ in model.named_parameters())
+    assert it.loss == pytest.approx(loss.item())
+
+
+@pytest.mark.parametrize("loss_fn, message", [
+    (lambda model, batch: model(*batch)[1].detach(),
+     "the loss of UserGPT does not require grad (computed under torch.no_grad(), or detached), "
+     "so trace_training cannot call backward() on it"),
+    (lambda model, batch: model(*batch)[1].item(),
+     "the loss of UserGPT is a float, not a scalar tensor: trace_training needs a loss to call backward() on"),
+    (lambda model, batch: model(*batch)[0].sum(-1),
+     "the loss of UserGPT is a tensor of shape (1, 16), not a scalar tensor: trace_training needs a loss to "
+     "call backward() on"),
+], ids=["detached", "float", "not-scalar"])
+def test_a_loss_backward_cannot_run_on_is_refused_in_one_line(loss_fn, message):
+    model = UserGPT()
+    with pytest.raises(CaptureError) as info:
+        trace_training(model, user_batches(), None, iterations=1, loss_fn=loss_fn)
+    assert str(info.value) == message
+    assert not any(m._forward_hooks for m in model.modules())
