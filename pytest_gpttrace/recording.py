@@ -8,7 +8,8 @@
 - ``ZeroCensus``: which parameters are exactly zero when the capture begins (zero-init choices).
 - ``StatsPathChoice``: the statistics path asked for, the one that runs, and why they differ.
 
-None of them reads a value back to the host before ``PendingIteration.finish``.
+Inside a step none of them reads a value back to the host: ``PendingIteration.finish`` makes the
+iteration's one copy (the path's probe reads its own small tensor once, when the capture starts).
 """
 
 from __future__ import annotations

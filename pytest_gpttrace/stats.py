@@ -419,7 +419,7 @@ class StatsBatch(Generic[K, E]):
 
 def tensor_stats(x: torch.Tensor, path: str = "eager") -> TensorStats:
     """Statistics of one tensor (reads back to the host: for use outside a traced step)."""
-    batch: StatsBatch = StatsBatch(path)
+    batch = StatsBatch(path)
     batch.add(0, x)
     (_, stats), = batch.finish()[0]
     assert stats is not None  # None only for a slot added as missing

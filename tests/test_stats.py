@@ -114,7 +114,7 @@ def test_the_same_tensor_twice_is_summarised_once_unless_modified(monkeypatch):
     batch.add("a_view", x.view(2, 3))  # another tensor object: summarised on its own
     x.mul_(2)  # modified in place: the version changed
     batch.add("a_doubled", x)
-    rows = dict(batch.finish()[0])
+    rows = {key: s for key, s in batch.finish()[0] if s is not None}  # no slot was added as missing
     assert len(calls) == 3
     assert rows["a"].mean == rows["a_again"].mean == rows["a_view"].mean == 2.5
     assert rows["a_doubled"].mean == 5.0 and rows["a_view"].shape == (2, 3)
