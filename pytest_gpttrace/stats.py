@@ -37,10 +37,9 @@ import warnings
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Generic
+from typing import Generic, TypeVar
 
 import torch
-from typing_extensions import TypeVar  # a TypeVar with a default (typing's own from 3.13); torch requires it
 
 from .errors import CaptureError
 from .trace import TensorStats
@@ -339,8 +338,8 @@ def from_row(meta: TensorMeta, row: Sequence[float] | None) -> TensorStats:
 
 
 # the key of a summarised tensor, and of a value read back with the batch; any hashable unless typed
-K = TypeVar("K", bound=Hashable, default=Hashable)
-E = TypeVar("E", bound=Hashable, default=Hashable)
+K = TypeVar("K", bound=Hashable)
+E = TypeVar("E", bound=Hashable)
 
 
 class StatsBatch(Generic[K, E]):
@@ -419,7 +418,7 @@ class StatsBatch(Generic[K, E]):
 
 def tensor_stats(x: torch.Tensor, path: str = "eager") -> TensorStats:
     """Statistics of one tensor (reads back to the host: for use outside a traced step)."""
-    batch = StatsBatch(path)
+    batch: StatsBatch[int, int] = StatsBatch(path)
     batch.add(0, x)
     (_, stats), = batch.finish()[0]
     assert stats is not None  # None only for a slot added as missing
