@@ -1,24 +1,29 @@
-"""Golden trace files: paths from test node ids, comparison on ``==``, updates, obtained results.
+"""Golden trace files: paths from test node ids, the golden check behind ``==``, updates.
 
-``GoldenTrace`` stands for one test's golden file. ``trace == golden`` compares (or, in update
-mode, writes the golden when it is missing or no longer matches, so an unchanged golden is never
-rewritten; the written golden carries its calibration band when a calibrator is given) and keeps
-what a failure report needs. In a calibration replay it only writes the obtained trace where the
-replay asked. Nothing here imports pytest: the plugin turns ``failure_lines()`` into the assertion
-message.
+``trace_path`` is the one place a test's trace file is named from its node id and the trace (its
+golden, the obtained trace of a failure, its report). ``GoldenTrace`` stands for one test's golden
+file; ``GoldenTrace.check(trace)`` compares (or, in update mode, writes the golden when it is
+missing or no longer matches, so an unchanged golden is never rewritten; the written golden
+carries its calibration band when a calibrator is given) and returns one frozen
+``outcome.GoldenResult``. In a calibration replay it only writes the obtained trace where the
+replay asked. ``trace == golden`` runs the check and keeps its result for the assertion message,
+which ``report.failure_lines`` renders. Nothing here imports pytest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
+from . import report
 from .calibrate import Calibrated
 from .compare import Comparison, Override, check_same_config, compare, resolve_profile
 from .errors import GptTraceError
+from .outcome import Band, GoldenResult, GoldenStatus, shown
 from .trace import Trace, dumps
 from .traceio import WriteError, read_trace, write_text_atomic
 
@@ -66,9 +71,25 @@ def golden_relpath(nodeid: str, device_type: str = "cpu") -> Path:
     return Path(*[_safe(p) for p in parts], *[_safe(c) for c in classes], stem + ".json")
 
 
-@dataclass
+def device_type(trace: Trace) -> str:
+    """The device type a trace ran on (``cpu`` when not recorded)."""
+    return str(trace.environment.get("device_type", "cpu"))
+
+
+def trace_path(folder: Path, nodeid: str, trace: Trace) -> Path:
+    """Where the test ``nodeid``'s ``trace`` is filed under ``folder``: its golden under the golden
+    folder, its obtained trace under the results folder, its report under the report folder. A run
+    on another device type than the CPU gets its own file (see ``golden_relpath``)."""
+    return Path(folder) / golden_relpath(nodeid, device_type(trace))
+
+
+@dataclass(eq=False)
 class GoldenTrace:
-    """One test's golden trace; compare with ``assert trace == golden``."""
+    """One test's golden trace; compare with ``assert trace == golden``.
+
+    The fields say where the golden lives and how it is judged; ``check`` returns the outcome.
+    ``==`` keeps the last outcome in ``result``, for the assertion message and the summary.
+    """
 
     nodeid: str
     golden_dir: Path
@@ -82,176 +103,147 @@ class GoldenTrace:
     replay_out: Path | None = None  # a calibration replay: write the obtained trace here, compare nothing
     named_path: Path | None = None  # the marker's golden=: this file, not one named from the node id
     command: str = "pytest --gpt-trace"
-    # filled by the comparison
-    path: Path | None = None
-    comparison: Comparison | None = None
-    failure: list[str] | None = None
-    obtained_path: Path | None = None
-    written: str | None = None  # "created" | "updated" | "recalibrated" when update mode wrote the file
-    drift: list[str] | None = None  # update mode: how far the old golden lay from the new run
-    calibration_note: str | None = None  # update mode: what the written band is made of
-    error: GptTraceError | None = None
-    obtained: Trace | None = field(default=None, repr=False)
+    result: GoldenResult | None = field(default=None, init=False, repr=False)  # the last ``==``
 
     def __repr__(self) -> str:
         return f"GoldenTrace({self.display(self.path) if self.path else self.nodeid})"
 
     def display(self, path: Path) -> str:
-        try:
-            return str(Path(path).resolve().relative_to(self.rootdir.resolve()))
-        except ValueError:
-            return str(path)
+        return shown(path, self.rootdir)
 
     def path_for(self, trace: Trace) -> Path:
         if self.named_path is not None:
             return self.named_path
-        return self.golden_dir / golden_relpath(self.nodeid, str(trace.environment.get("device_type", "cpu")))
+        return trace_path(self.golden_dir, self.nodeid, trace)
 
-    @property
-    def update_command(self) -> str:
-        return f"{self.command} --update-golden '{self.nodeid}'"
-
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         __tracebackhide__ = True
         if not isinstance(other, Trace):
             return NotImplemented
-        return self.matches(other)
+        self.result = self.check(other)
+        return self.result.ok
 
-    def __ne__(self, other):
+    def __ne__(self, other: object) -> bool:
         result = self.__eq__(other)
         return result if result is NotImplemented else not result
 
-    __hash__ = None
-
-    def _compare(self, golden: Trace, obtained: Trace) -> Comparison:
-        return compare(golden, obtained, resolve_profile(self.profile_name, golden, self.overrides))
-
-    def matches(self, obtained: Trace) -> bool:
+    # ----------------------------------------------------------------- the check
+    def check(self, obtained: Trace) -> GoldenResult:
+        """Compare ``obtained`` with the golden, or record it (update mode, a replay); write the
+        obtained trace of a failure under the results folder. Never raises for a file that cannot be
+        written: that is a WRITE_ERROR naming it."""
+        path = self.path_for(obtained)
+        outcome = partial(GoldenResult, nodeid=self.nodeid, golden_path=path, rootdir=self.rootdir,
+                          command=self.command)
         try:
-            return self._matches(obtained)
+            return self._check(obtained, path, outcome)
         except WriteError as exc:  # an unwritable folder, a file in the way: one line, the file and why
-            target = Path(exc.filename)
-            what = "golden trace" if self.golden_dir in target.parents else "trace"
-            self.failure = [f"cannot write {what} {self.display(target)}: {exc.strerror}"]
-            return False
+            return outcome(GoldenStatus.WRITE_ERROR, error=exc)
 
-    def _matches(self, obtained: Trace) -> bool:
-        self.obtained = obtained
-        self.path = self.path_for(obtained)
-        self.failure = None
+    def _check(self, obtained: Trace, path: Path, outcome: Callable[..., GoldenResult]) -> GoldenResult:
         if self.replay_out is not None:
             write_text_atomic(self.replay_out, dumps(obtained))
-            return True
-        golden = None
-        if self.path.exists():
-            try:
-                golden = read_trace(self.path)
-            except GptTraceError as exc:
-                self.error = exc
-        if self.update and self.named_path is not None and golden is not None \
-                and not golden.provenance.complete:
-            self.failure = [
-                f"golden {self.display(self.path)} is a report that lists a selection of the trace (named by "
-                "golden=): --update-golden does not overwrite it",
-                "to record a golden for this test, drop golden= or name a .json file",
-            ]
-            return False
+            return outcome(GoldenStatus.REPLAY_WRITTEN, obtained_path=self.replay_out)
+        exists = path.exists()
+        golden, error = _read(path) if exists else (None, None)
         if self.update:
-            return self._update(golden, obtained)
+            if self.named_path is not None and golden is not None and not golden.provenance.complete:
+                return outcome(GoldenStatus.REPORT_KEPT)
+            return self._update(golden, obtained, path, exists, partial(outcome, error=error))
         if golden is None:
-            self.obtained_path = self._write_obtained(obtained)
-            if self.error is not None:
-                where = f"at {self.error.path}: " if getattr(self.error, "path", "") else ""
-                detail = getattr(self.error, "detail", str(self.error))
-                self.failure = [
-                    f"malformed golden trace {self.display(self.path)}: {where}{detail}",
-                    f"obtained trace written to {self.display(self.obtained_path)}",
-                    f"fix the file, or regenerate it: {self.update_command}",
-                ]
-            else:
-                self.failure = [
-                    f"golden trace missing: {self.display(self.path)}",
-                    f"obtained trace written to {self.display(self.obtained_path)}",
-                    f"create it: {self.update_command}",
-                ]
-            return False
+            status = GoldenStatus.MISSING if error is None else GoldenStatus.MALFORMED
+            return outcome(status, error=error, obtained_path=self._write_obtained(obtained))
         config_diff = check_same_config(golden, obtained)
         if config_diff:
-            self.obtained_path = self._write_obtained(obtained)
-            self.failure = [
-                f"golden trace {self.display(self.path)} is of another model config: {'; '.join(config_diff)}",
-                f"obtained trace written to {self.display(self.obtained_path)}",
-                f"if the config change is intended: {self.update_command}",
-            ]
-            return False
+            return outcome(GoldenStatus.OTHER_CONFIG, reason="; ".join(config_diff),
+                           obtained_path=self._write_obtained(obtained))
         try:
-            self.comparison = self._compare(golden, obtained)
+            comparison = self._compare(golden, obtained)
         except ValueError as exc:
-            self.obtained_path = self._write_obtained(obtained)
-            self.failure = [f"golden trace {self.display(self.path)} cannot be compared: {exc}",
-                            f"obtained trace written to {self.display(self.obtained_path)}"]
-            return False
-        if self.comparison.ok:
-            return True
-        self.obtained_path = self._write_obtained(obtained)
-        from .report import render_comparison
+            return outcome(GoldenStatus.NOT_COMPARABLE, reason=str(exc), obtained_path=self._write_obtained(obtained))
+        if comparison.ok:
+            return outcome(GoldenStatus.MATCH, comparison=comparison)
+        return outcome(GoldenStatus.DIFFERS, comparison=comparison, obtained_path=self._write_obtained(obtained))
 
-        self.failure = render_comparison(
-            self.comparison,
-            golden_name=self.display(self.path),
-            obtained_name=self.display(self.obtained_path),
-            accept_command=self.update_command,
-        )
-        return False
-
-    def _update(self, golden: Trace | None, obtained: Trace) -> bool:
-        comparable = golden is not None and not check_same_config(golden, obtained)
+    def _update(self, golden: Trace | None, obtained: Trace, path: Path, exists: bool,
+                outcome: Callable[..., GoldenResult]) -> GoldenResult:
         comparison = None
-        if comparable:
+        if golden is not None and not check_same_config(golden, obtained):
             try:
                 comparison = self._compare(golden, obtained)
             except ValueError:
                 comparison = None  # calibrated asked of an uncalibrated golden: rewrite it calibrated
-        if comparison is not None and comparison.ok and not self.recalibrate:
-            self.comparison = comparison
-            return True  # unchanged within tolerance: no rewrite, no churn
-        if comparison is not None and not comparison.ok:
-            from .report import render_drift
-
-            self.drift = render_drift(comparison)
+        matches = comparison is not None and comparison.ok
+        if matches and not self.recalibrate:
+            return outcome(GoldenStatus.MATCH, comparison=comparison)  # within tolerance: no rewrite, no churn
         calibrated = self.calibrator(obtained) if self.calibrator is not None else Calibrated(obtained)
-        new = calibrated.trace
-        if new.calibration is not None and not new.calibration.get("replays"):
-            # no replay could be used: a band of zero would be stricter than exact; write no band
-            from .calibrate import summary
-
-            self.calibration_note = "NOT calibrated, no usable replay: " + summary(new.calibration) + \
-                "; written without a band (compared under exact)"
-            new = obtained
-        elif new.calibration is not None:
-            from .calibrate import summary
-
-            self.calibration_note = summary(new.calibration) + (
-                f", measured in {calibrated.seconds:.1f} s" if calibrated.seconds is not None else "")
-        existed = self.path.exists()
+        new, band = calibrated.trace, None
+        if new.calibration is not None:
+            band = Band(new.calibration, calibrated.seconds, usable=bool(new.calibration.get("replays")))
+            if not band.usable:
+                new = obtained  # no replay could be used: a band of zero would be stricter than exact
         text = dumps(new)
-        if existed and _read_or_none(self.path) == text:
-            self.comparison = comparison
-            return True  # byte for byte what is there: nothing to write
-        write_text_atomic(self.path, text)
-        if not existed:
-            self.written = "created"
+        if exists and _read_or_none(path) == text:
+            return outcome(GoldenStatus.MATCH, comparison=comparison, band=band)  # nothing to write
+        write_text_atomic(path, text)
+        if not exists:
+            status = GoldenStatus.CREATED
         else:
-            self.written = "recalibrated" if comparison is not None and comparison.ok else "updated"
-        return True
+            status = GoldenStatus.RECALIBRATED if matches else GoldenStatus.UPDATED
+        return outcome(status, comparison=comparison, band=band)
+
+    def _compare(self, golden: Trace, obtained: Trace) -> Comparison:
+        return compare(golden, obtained, resolve_profile(self.profile_name, golden, self.overrides))
 
     def _write_obtained(self, obtained: Trace) -> Path:
-        path = self.results_dir / golden_relpath(self.nodeid, str(obtained.environment.get("device_type", "cpu")))
+        path = trace_path(self.results_dir, self.nodeid, obtained)
         write_text_atomic(path, dumps(obtained))
         return path
 
+    # ----------------------------------------------------------------- the last outcome, read-only
+    @property
+    def path(self) -> Path | None:
+        return self.result.golden_path if self.result else None
+
+    @property
+    def comparison(self) -> Comparison | None:
+        return self.result.comparison if self.result else None
+
+    @property
+    def obtained_path(self) -> Path | None:
+        return self.result.obtained_path if self.result else None
+
+    @property
+    def written(self) -> str | None:
+        return self.result.written if self.result else None
+
+    @property
+    def error(self) -> GptTraceError | None:
+        return self.result.error if self.result else None
+
+    @property
+    def failure(self) -> list[str] | None:
+        """The failure message's lines when the last ``==`` failed; else None."""
+        return report.failure_lines(self.result) if self.result is not None and not self.result.ok else None
+
+    @property
+    def drift(self) -> list[str] | None:
+        return (report.drift_lines(self.result) or None) if self.result else None
+
+    @property
+    def calibration_note(self) -> str | None:
+        return report.calibration_note(self.result.band) if self.result else None
+
     def failure_lines(self) -> list[str]:
-        return list(self.failure or ["the trace matches its golden"])
+        return self.failure or ["the trace matches its golden"]
+
+
+def _read(path: Path) -> tuple[Trace | None, GptTraceError | None]:
+    """The golden at path, or the error that says why it cannot be read."""
+    try:
+        return read_trace(path), None
+    except GptTraceError as exc:
+        return None, exc
 
 
 def _read_or_none(path: Path) -> str | None:

@@ -8,25 +8,38 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
-from .markers import MARKER, parse_marker
+from .markers import MARKER, Run, parse_marker
+
+if TYPE_CHECKING:
+    import torch
+
+    from reference_model import GPTConfig
+
+    from .calibrate import Calibrated
+    from .golden import GoldenTrace
+    from .settings import Settings
+    from .terminal import TracedTestSummary
+    from .trace import Trace
 
 SKIP_REASON = "GPT trace test: run it with `pytest --gpt-trace` (or add --gpt-trace to addopts)"
 _PROPERTY = "gpt_trace_summary"
 _UPDATED = "gpt_trace_golden_written"
 
-_SETTINGS = pytest.StashKey[object]()   # settings.Settings
-_COLLECTOR = pytest.StashKey[object]()
-_RUN = pytest.StashKey[object]()        # markers.Run of a traced test
-_TRACE = pytest.StashKey[object]()
-_GOLDEN = pytest.StashKey[object]()
+_SETTINGS = pytest.StashKey["Settings"]()
+_COLLECTOR = pytest.StashKey["_Collector"]()
+_RUN = pytest.StashKey[Run]()  # a traced test's marker, parsed once
+_TRACE = pytest.StashKey["Trace"]()
+_GOLDEN = pytest.StashKey["GoldenTrace"]()
 
 
 # --------------------------------------------------------------------------- options
-def pytest_addoption(parser):
+def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("gpt-trace", "GPT numerics traces (pytest-gpttrace)")
     group.addoption("--gpt-trace", action="store_true", default=None,
                     help="run the tests that trace a GPT (gpt_trace fixture or marker) and compare them "
@@ -68,7 +81,7 @@ def pytest_addoption(parser):
                        "or 'STAGE_GLOB STAT_GLOB skip'")
 
 
-def pytest_configure(config):
+def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"{MARKER}(iterations=3, seed=42, profile=None, tolerances=None, stages=None, micro_steps=1, "
@@ -79,8 +92,8 @@ def pytest_configure(config):
 
     rootdir = Path(config.rootpath)
 
-    def folder(option, ini):
-        value = config.getoption(option) or config.getini(ini)
+    def folder(option: str, ini: str) -> Path:
+        value = str(config.getoption(option) or config.getini(ini))
         return (rootdir / value) if not Path(value).is_absolute() else Path(value)
 
     report = config.getoption("gpt_trace_report")
@@ -103,12 +116,12 @@ def pytest_configure(config):
     config.pluginmanager.register(config.stash.setdefault(_COLLECTOR, _Collector()), "gpt-trace-collector")
 
 
-def _is_trace_test(item) -> bool:
+def _is_trace_test(item: pytest.Item) -> bool:
     fixtures = getattr(item, "fixturenames", ())
     return item.get_closest_marker(MARKER) is not None or "gpt_trace" in fixtures or "gpt_golden" in fixtures
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.stash[_SETTINGS].enabled:
         return
     skip = pytest.mark.skip(reason=SKIP_REASON)
@@ -118,12 +131,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 # --------------------------------------------------------------------------- fixtures
-def _bad_marker(message: str):
+def _bad_marker(message: str) -> NoReturn:
     """A marker argument that cannot work: this test errors with the message alone (no traceback)."""
     pytest.fail(message, pytrace=False)
 
 
-def _parsed_run(node):
+def _parsed_run(node: pytest.Item) -> Run:
     """The test's marker over the session's settings, parsed once; ValueError if an argument is bad."""
     run = node.stash.get(_RUN, None)
     if run is None:
@@ -133,7 +146,7 @@ def _parsed_run(node):
     return run
 
 
-def _run(node):
+def _run(node: pytest.Item) -> Run:
     """The test's ``markers.Run``; a bad marker argument fails the test with the reason alone."""
     try:
         return _parsed_run(node)
@@ -154,7 +167,7 @@ def _seed_everything(seed: int) -> None:
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
+def pytest_runtest_setup(item: pytest.Item) -> None:
     """Seed torch, random and numpy before a traced test's fixtures build the model: a user model
     initialised from the global RNG then starts the same on every run (and matches its golden)."""
     if _SETTINGS not in item.config.stash or "gpt_trace" not in getattr(item, "fixturenames", ()):
@@ -167,22 +180,23 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture
-def gpt_config():
+def gpt_config() -> GPTConfig:
     """The model config; default: the seed config (depth 4, d 256, 2 heads, V 65536, T 1024)."""
     from reference_model import GPTConfig
 
-    return GPTConfig.from_depth(4)
+    config: GPTConfig = GPTConfig.from_depth(4)
+    return config
 
 
 @pytest.fixture
-def gpt_seed(request) -> int:
+def gpt_seed(request: pytest.FixtureRequest) -> int:
     """Init and data seed: the marker's seed=, else 42. torch, random and numpy are seeded with it
     before the model is built and again before the training loop."""
     return _run(request.node).seed
 
 
 @pytest.fixture
-def gpt_model(gpt_config, gpt_seed):
+def gpt_model(gpt_config: GPTConfig, gpt_seed: int) -> torch.nn.Module:
     """The reference GPT, seeded. Override this fixture to trace your own model."""
     from reference_model import GPT
 
@@ -190,27 +204,30 @@ def gpt_model(gpt_config, gpt_seed):
 
 
 @pytest.fixture
-def gpt_batches(gpt_config, gpt_seed):
+def gpt_batches(gpt_config: GPTConfig, gpt_seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """An iterator of (idx, targets) batches; default: the reference model's synthetic batches."""
     from reference_model import synthetic_batches
 
-    return synthetic_batches(gpt_config, seed=gpt_seed)
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = synthetic_batches(gpt_config, seed=gpt_seed)
+    return batches
 
 
 @pytest.fixture
-def gpt_optimizers(gpt_model):
+def gpt_optimizers(gpt_model: torch.nn.Module) -> list[torch.optim.Optimizer]:
     """The reference optimizers for the reference GPT; AdamW(lr=1e-3) for any other model."""
     import torch
 
     from reference_model import GPT, optimizers
 
     if isinstance(gpt_model, GPT):
-        return optimizers(gpt_model)
+        reference: list[torch.optim.Optimizer] = optimizers(gpt_model)
+        return reference
     return [torch.optim.AdamW(gpt_model.parameters(), lr=1e-3)]
 
 
 @pytest.fixture
-def gpt_trace(request, gpt_seed, gpt_model, gpt_batches, gpt_optimizers):
+def gpt_trace(request: pytest.FixtureRequest, gpt_seed: int, gpt_model: torch.nn.Module, gpt_batches: Iterable[Any],
+              gpt_optimizers: Sequence[torch.optim.Optimizer] | None) -> Trace:
     """Runs the marked number of instrumented training iterations and returns the Trace."""
     from .errors import CaptureError
     from .replay import variant_applied
@@ -219,13 +236,12 @@ def gpt_trace(request, gpt_seed, gpt_model, gpt_batches, gpt_optimizers):
     settings = request.config.stash[_SETTINGS]
     run = _run(request.node)
     if run.stages is not None:
+        problem = None
         try:
             select_stages(gpt_model, run.stages)
         except CaptureError as exc:
             problem = str(exc)
-        else:
-            problem = None
-        if problem:
+        if problem is not None:  # outside the except: no chained traceback
             _bad_marker(f"{request.node.nodeid}: @pytest.mark.{MARKER}(stages={list(run.stages)!r}): {problem}")
     _seed_everything(gpt_seed)  # the loop's own randomness (dropout, sampled batches) repeats too
     with variant_applied(settings.replay or {}):  # a calibration replay's variant; nothing otherwise
@@ -238,7 +254,7 @@ def gpt_trace(request, gpt_seed, gpt_model, gpt_batches, gpt_optimizers):
 
 
 @pytest.fixture
-def gpt_golden(request):
+def gpt_golden(request: pytest.FixtureRequest) -> GoldenTrace:
     """This test's golden trace: ``assert gpt_trace == gpt_golden``."""
     from .golden import GoldenTrace
 
@@ -261,10 +277,11 @@ def gpt_golden(request):
     return golden
 
 
-def _calibrator(request):
+def _calibrator(request: pytest.FixtureRequest) -> Callable[[Trace], Calibrated]:
     """obtained trace -> the same with its noise band, from replays of this test (see ``replay``)."""
     from .calibrate import Calibrated, measure
     from .compare import CALIBRATED_FLOOR, CALIBRATED_K
+    from .golden import device_type
     from .replay import Session, plan_variants, run_replays
 
     config = request.config
@@ -273,9 +290,9 @@ def _calibrator(request):
     session = Session(nodeid=request.node.nodeid, rootdir=settings.rootdir,
                       inifile=Path(config.inipath) if config.inipath else None, extra_args=extra)
 
-    def calibrate(obtained):
+    def calibrate(obtained: Trace) -> Calibrated:
         env = obtained.environment
-        variants = plan_variants(str(env.get("device_type", "cpu")), int(env.get("threads", 1)),
+        variants = plan_variants(device_type(obtained), int(env.get("threads", 1)),
                                  dithers=settings.dithers, tf32=env.get("tf32"))
         replays, seconds = run_replays(session, variants)
         return Calibrated(measure(obtained, replays, k=CALIBRATED_K, floor=CALIBRATED_FLOOR), seconds)
@@ -283,117 +300,83 @@ def _calibrator(request):
     return calibrate
 
 
-def _write_report(settings, nodeid, trace):
+def _write_report(settings: Settings, nodeid: str, trace: Trace) -> None:
     from .anomalies import detect, render_markdown
-    from .golden import golden_relpath
+    from .golden import trace_path
     from .traceio import write_trace
 
-    base = settings.report_dir / golden_relpath(nodeid, str(trace.environment.get("device_type", "cpu")))
+    assert settings.report_dir is not None
+    base = trace_path(settings.report_dir, nodeid, trace)
     write_trace(base, trace, "json")
     write_trace(base.with_suffix(".md"), trace, "markdown", anomalies=render_markdown(detect(trace)))
 
 
 # --------------------------------------------------------------------------- reporting
-def pytest_assertrepr_compare(config, op, left, right):
+def pytest_assertrepr_compare(config: pytest.Config, op: str, left: object, right: object) -> list[str] | None:
     from .golden import GoldenTrace
+    from .report import failure_lines
 
     if op == "==":
         for side in (right, left):
-            if isinstance(side, GoldenTrace) and side.failure:
-                return side.failure_lines()
+            if isinstance(side, GoldenTrace) and side.result is not None and not side.result.ok:
+                return failure_lines(side.result)
     return None
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if report.when != "call" or _SETTINGS not in item.config.stash:
-        return
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport,
+                                                                                          pytest.TestReport]:
+    report = yield
     trace = item.stash.get(_TRACE, None)
-    if trace is None:
-        return
+    if report.when != "call" or _SETTINGS not in item.config.stash or trace is None:
+        return report
+    from .anomalies import ERROR, detect
+    from .report import anomaly_failure_lines, failure_lines
+    from .terminal import summarize
+
     golden = item.stash.get(_GOLDEN, None)
-    if golden is not None and golden.failure and report.failed and call.excinfo is not None \
+    result = golden.result if golden is not None else None
+    golden_failed = result is not None and not result.ok
+    if result is not None and golden_failed and report.failed and call.excinfo is not None \
             and call.excinfo.errisinstance(AssertionError):
         # the whole report, untruncated, without pytest's traceback; then where the assert stands
         entry = call.excinfo.traceback[-1]
         where = f"{Path(str(entry.path)).name}:{entry.lineno + 1}: {str(entry.statement).strip()}"
-        report.longrepr = "\n".join(golden.failure_lines() + [where])
-    from .anomalies import ERROR, INFO, detect, render_text
-
+        report.longrepr = "\n".join([*failure_lines(result), where])
     run = item.stash[_RUN]  # set before the gpt_trace fixture could run
     anomalies = detect(trace, run.thresholds, allow=run.allow)
     blocking = [a for a in anomalies if a.severity == ERROR]
-    if blocking and report.when == "call" and (report.passed or (golden is not None and golden.failure)):
-        lines = [f"{len(blocking)} anomal{'y' if len(blocking) == 1 else 'ies'} in the trace: "
-                 f"{blocking[0].symptom}"] + render_text(blocking, include_info=False)
-        lines.append("to accept a rule for this test: @pytest.mark.gpt_trace(allow=[\"RULE\"]), "
-                     "or ini gpt_trace_allow")
+    if blocking and (report.passed or golden_failed):
+        lines = "\n".join(anomaly_failure_lines(blocking))
         if report.passed:
             report.outcome = "failed"
-            report.longrepr = "\n".join(lines)
+            report.longrepr = lines
         else:
-            report.longrepr = str(report.longrepr) + "\n\n" + "\n".join(lines)
-    summary = _summary(item, trace, golden)
-    summary["anomalies"] = [(a.severity.value, a.rule, a.symptom, a.where) for a in anomalies if a.severity != INFO]
-    summary["infos"] = sum(1 for a in anomalies if a.severity == INFO)
-    report.user_properties.append((_PROPERTY, summary))
-    if golden is not None and golden.written:
-        report.user_properties.append((_UPDATED, (golden.written, golden.display(golden.path))))
-
-
-def _summary(item, trace, golden) -> dict:
-    losses = [it.loss for it in trace.iterations if it.loss is not None]
-    resid = [s.std for name, s in (trace.iterations[0].forward.items() if trace.iterations else [])
-             if name.endswith("mlp_resid") and s.std is not None]
-    if golden is None or golden.path is None:
-        out_of_tol = "not compared"
-    elif golden.written:
-        out_of_tol = f"golden {golden.written}: {golden.display(golden.path)}"
-        if golden.calibration_note:
-            out_of_tol += f" ({golden.calibration_note})"
-    elif golden.comparison is not None:
-        from .report import out_of_tolerance
-
-        out_of_tol = out_of_tolerance(golden.comparison)
-        if golden.comparison.ok and golden.comparison.worst is not None:
-            out_of_tol += f" ({golden.comparison.profile.name}; {golden.comparison.worst.describe()})"
-    elif golden.error is not None:
-        out_of_tol = f"golden malformed: {golden.display(golden.path)}"
-    elif golden.failure:
-        out_of_tol = ("golden missing" if not golden.path.exists() else "golden of another config") + \
-            f": {golden.display(golden.path)}"
-    else:
-        out_of_tol = "0 out of tolerance"
-    return {
-        "nodeid": item.nodeid,
-        "stages": len(trace.stage_names),
-        "iterations": len(trace.iterations),
-        "loss": (losses[0], losses[-1]) if losses else None,
-        "out_of_tolerance": out_of_tol,
-        "golden": golden.display(golden.path) if golden and golden.path else None,
-        "residual_std": resid,
-        "drift": list(golden.drift or ()) if golden else [],
-    }
+            report.longrepr = str(report.longrepr) + "\n\n" + lines
+    report.user_properties.append((_PROPERTY, summarize(item.nodeid, trace, result, anomalies)))
+    if result is not None and result.written:
+        report.user_properties.append((_UPDATED, (result.written, result.shown(result.golden_path))))
+    return report
 
 
 class _Collector:
     """Gathers per-test summaries from reports, so it works under xdist (reports cross processes)."""
 
-    def __init__(self):
-        self.summaries: list[dict] = []
+    def __init__(self) -> None:
+        self.summaries: list[TracedTestSummary] = []
         self.written: list[tuple[str, str]] = []
 
-    def pytest_runtest_logreport(self, report):
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for key, value in getattr(report, "user_properties", ()):
             if key == _PROPERTY:
                 self.summaries.append(value)
             elif key == _UPDATED:
-                self.written.append(tuple(value))
+                action, path = value
+                self.written.append((action, path))
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: pytest.ExitCode | int,
+                            config: pytest.Config) -> None:
     from .terminal import summary_lines
 
     if _SETTINGS not in config.stash or not config.stash[_SETTINGS].enabled:

@@ -1,18 +1,27 @@
-"""Rendering comparison results as text for a CI log: what broke first, a capped table, the remedy."""
+"""Rendering comparison results as text for a CI log: what broke first, a capped table, the remedy.
+
+Every text a golden check shows lives here: ``failure_lines`` renders a ``GoldenResult`` into the
+assertion message, ``summary_outcome`` into its part of the terminal summary, ``drift_lines`` and
+``calibration_note`` what an update reports; ``anomaly_failure_lines`` the anomalies that fail a test.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from .anomalies import Anomaly, render_text
 from .calibrate import summary as calibration_summary
 from .compare import Comparison, Mismatch
+from .errors import TraceFormatError
+from .outcome import WRITTEN, Band, GoldenResult, GoldenStatus
 
 MAX_ROWS = 20
 _ENV_KEYS = ("torch", "device", "device_name", "cpu_capability", "dtype", "autocast", "matmul_precision",
              "threads", "stats_path", "platform")
 
 
-def _fmt(value) -> str:
+def _fmt(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -26,8 +35,11 @@ def _fmt(value) -> str:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: indent + "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return [line(headers)] + [line(r) for r in rows]
+
+    def line(cells: Sequence[str]) -> str:
+        return indent + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
+
+    return [line(headers), *(line(r) for r in rows)]
 
 
 def _in_bands(m: Mismatch) -> str:
@@ -52,7 +64,7 @@ def headers(calibrated: bool) -> list[str]:
     return out + (["band", "x band"] if calibrated else [])
 
 
-def environment_line(name: str, env: Mapping) -> str:
+def environment_line(name: str, env: Mapping[str, Any]) -> str:
     parts = [f"{k} {env[k]}" for k in _ENV_KEYS if k in env]
     return f"{name}: " + (", ".join(parts) if parts else "not recorded")
 
@@ -60,7 +72,7 @@ def environment_line(name: str, env: Mapping) -> str:
 def traced_tensors(comparison: Comparison) -> int:
     """How many tensors the traces record: forward stages, stage and parameter gradients, and the loss,
     each counted once however many iterations it appears in; the unit the headline counts in."""
-    keys = set()
+    keys: set[tuple[str, str]] = set()
     for trace in (comparison.golden, comparison.obtained):
         for it in trace.iterations:
             for section in ("forward", "stage_grads", "param_grads"):
@@ -84,6 +96,7 @@ def render_comparison(comparison: Comparison, *, golden_name: str, obtained_name
         return [f"trace matches {golden_name} (profile {comparison.profile.name}){worst}"]
     calibrated = comparison.profile.calibrated
     first = comparison.first
+    assert first is not None  # not ok: there is a mismatch
     n_tensors, n_pairs = len(comparison.distinct_stages), len(comparison.stages_differing)
     across = f" in {n_pairs} tensor-iterations" if n_pairs != n_tensors else ""
     lines = [
@@ -112,6 +125,7 @@ def render_drift(comparison: Comparison, *, max_rows: int = 5) -> list[str]:
     an intended change reads as thousands of bands, a drifted machine as a few."""
     if comparison.ok:
         return ["the old golden matched the new run"]
+
     def severity(m: Mismatch) -> float:
         if m.difference is None or not m.allowed:
             return float("inf")  # a shape, presence, NaN or zero-ness change, or no allowance at all
@@ -120,11 +134,12 @@ def render_drift(comparison: Comparison, *, max_rows: int = 5) -> list[str]:
     ranked = sorted(comparison.mismatches, key=lambda m: -severity(m))
     total = traced_tensors(comparison)
     first = comparison.first
+    assert first is not None  # not ok: there is a mismatch
     unit = "x band" if comparison.profile.calibrated else "x allowed"
     lines = [f"the old golden differs in {len(comparison.distinct_stages)} of {total} traced "
              f"tensor{'s' if total != 1 else ''} "
              f"(profile {comparison.profile.name}), first at {first.where}, {first.stat}; worst rows:"]
-    rows = []
+    rows: list[list[str]] = []
     for m in ranked[:max_rows]:
         row = mismatch_row(m, comparison.profile.calibrated)
         if not comparison.profile.calibrated:
@@ -133,3 +148,107 @@ def render_drift(comparison: Comparison, *, max_rows: int = 5) -> list[str]:
         rows.append(row)
     lines += table(headers(comparison.profile.calibrated) + ([] if comparison.profile.calibrated else [unit]), rows)
     return lines
+
+
+# --------------------------------------------------------------------------- a golden check's outcome
+def update_command(result: GoldenResult) -> str:
+    """The command that records this test's golden again."""
+    return f"{result.command} --update-golden '{result.nodeid}'"
+
+
+def _malformed(error: object) -> str:
+    """A golden's read error as ``at JSON-PATH: what`` (or ``at line N: what``), the file left out."""
+    if isinstance(error, TraceFormatError):
+        return (f"at {error.path}: " if error.path else "") + error.detail
+    return str(error)
+
+
+def failure_lines(result: GoldenResult) -> list[str]:
+    """The assertion message of a golden check that failed: what is wrong, where the obtained trace
+    went, and the command that fixes it. Empty for a check that passed."""
+    golden, status = result.shown(result.golden_path), result.status
+    obtained = result.shown(result.obtained_path) if result.obtained_path is not None else None
+    written = f"obtained trace written to {obtained}"
+    if status is GoldenStatus.MISSING:
+        return [f"golden trace missing: {golden}", written, f"create it: {update_command(result)}"]
+    if status is GoldenStatus.MALFORMED:
+        return [f"malformed golden trace {golden}: {_malformed(result.error)}", written,
+                f"fix the file, or regenerate it: {update_command(result)}"]
+    if status is GoldenStatus.OTHER_CONFIG:
+        return [f"golden trace {golden} is of another model config: {result.reason}", written,
+                f"if the config change is intended: {update_command(result)}"]
+    if status is GoldenStatus.NOT_COMPARABLE:
+        return [f"golden trace {golden} cannot be compared: {result.reason}", written]
+    if status is GoldenStatus.DIFFERS and result.comparison is not None:
+        return render_comparison(result.comparison, golden_name=golden, obtained_name=obtained,
+                                 accept_command=update_command(result))
+    if status is GoldenStatus.REPORT_KEPT:
+        return [f"golden {golden} is a report that lists a selection of the trace (named by golden=): "
+                "--update-golden does not overwrite it",
+                "to record a golden for this test, drop golden= or name a .json file"]
+    if status is GoldenStatus.WRITE_ERROR:
+        target = result.write_target or result.golden_path
+        what = "golden trace" if target == result.golden_path else "trace"
+        cause = getattr(result.error, "strerror", None) or str(result.error)
+        return [f"cannot write {what} {result.shown(target)}: {cause}"]
+    return []
+
+
+def drift_lines(result: GoldenResult) -> list[str]:
+    """Update mode: how far the golden that was rewritten lay from the new run (nothing when it matched)."""
+    if result.status in WRITTEN and result.comparison is not None and not result.comparison.ok:
+        return render_drift(result.comparison)
+    return []
+
+
+def calibration_note(band: Band | None) -> str | None:
+    """What the band of a golden recorded in update mode is made of; None when it has none."""
+    if band is None:
+        return None
+    if not band.usable:
+        return ("NOT calibrated, no usable replay: " + calibration_summary(band.calibration) +
+                "; written without a band (compared under exact)")
+    return calibration_summary(band.calibration) + (
+        f", measured in {band.seconds:.1f} s" if band.seconds is not None else "")
+
+
+def summary_outcome(result: GoldenResult | None) -> str:
+    """The golden check's part of a test's summary line, the golden named once: what was written,
+    how much is out of tolerance, or what is wrong with the golden."""
+    if result is None:
+        return "not compared, no golden"
+    golden, status = result.shown(result.golden_path), result.status
+    if status in WRITTEN:
+        note = calibration_note(result.band)
+        return f"golden {status.value}: {golden}" + (f" ({note})" if note else "")
+    if status in (GoldenStatus.MATCH, GoldenStatus.DIFFERS):
+        comparison = result.comparison
+        if comparison is None:  # update mode: an incomparable golden already held these very bytes
+            return f"0 out of tolerance, golden {golden}"
+        counted = out_of_tolerance(comparison)
+        if comparison.ok and comparison.worst is not None:
+            counted += f" ({comparison.profile.name}; {comparison.worst.describe()})"
+        return f"{counted}, golden {golden}"
+    if status is GoldenStatus.REPLAY_WRITTEN:
+        return f"not compared (a calibration replay), golden {golden}"
+    target = result.write_target
+    if status is GoldenStatus.WRITE_ERROR and target is not None and target != result.golden_path:
+        return f"obtained trace not written: {result.shown(target)}, golden {golden}"
+    what = {
+        GoldenStatus.MISSING: "golden missing",
+        GoldenStatus.MALFORMED: "golden malformed",
+        GoldenStatus.OTHER_CONFIG: "golden of another config",
+        GoldenStatus.NOT_COMPARABLE: "golden not comparable",
+        GoldenStatus.REPORT_KEPT: "golden not updated (a report named by golden=)",
+        GoldenStatus.WRITE_ERROR: "golden not written",
+    }[status]
+    return f"{what}: {golden}"
+
+
+def anomaly_failure_lines(blocking: Sequence[Anomaly]) -> list[str]:
+    """The anomalies whose errors fail a traced test: a headline, each with cause and fix, the way out."""
+    return [
+        f"{len(blocking)} anomal{'y' if len(blocking) == 1 else 'ies'} in the trace: {blocking[0].symptom}",
+        *render_text(blocking, include_info=False),
+        "to accept a rule for this test: @pytest.mark.gpt_trace(allow=[\"RULE\"]), or ini gpt_trace_allow",
+    ]
