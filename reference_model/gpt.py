@@ -313,7 +313,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
         """The logits (B, T, V) float32, or with targets the mean cross-entropy."""
-        T = idx.size(1)
+        _, T = idx.size()
         if T > self.config.sequence_len:  # noqa: SIM300 (T is the sequence length, not a constant)
             raise ValueError(
                 f"sequence length {T} exceeds the model's sequence_len {self.config.sequence_len}"

@@ -35,6 +35,7 @@ def test_from_depth_gives_the_seed_config():
     assert (c.vocab_size, c.sequence_len, c.softcap, c.rope_base) == (65536, 1024, 15.0, 10000)
     assert GPTConfig.from_depth(12).n_head == 6
     assert GPTConfig.from_depth(3).n_head == 2  # ceil(192 / 128)
+    assert GPTConfig.from_depth(4) == GPTConfig()  # from_depth's softcap and rope_base are the field defaults
 
 
 def test_config_is_frozen():
