@@ -12,7 +12,7 @@ so with Hkv = H the total is 2*V*d + 12*L*d^2 (36,700,160 at depth 4, d 256, V 6
 FLOPs per token (forward + backward), as nanochat estimates them: 6 per non-embedding parameter
 (the embedding is a lookup, lm_head is a matmul and counts) plus the attention scores and
 mixing, 12*L*H*D*T. Depth sweeps follow nanochat's rule n_embd = 64*depth, n_head =
-ceil(n_embd / 128).
+ceil(n_embd / 128) (``width_for_depth``, which the reference model's ``GPTConfig.from_depth`` uses too).
 
 Parameter names are grouped into components: ``wte``, ``attention`` and ``mlp`` (per block),
 ``lm_head`` and ``other``.
@@ -22,18 +22,29 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Literal
 
 DEFAULT_DEPTHS = (4, 8, 12, 16, 20, 26)
 REQUIRED_KEYS = ("n_layer", "n_embd", "n_head", "vocab_size", "sequence_len")
 COMPONENTS = ("wte", "attention", "mlp", "lm_head", "other")
+WIDTH_PER_LAYER = 64  # nanochat's aspect ratio: n_embd = 64 * depth
+MAX_HEAD_DIM = 128  # heads are at most this wide: n_head = ceil(n_embd / 128)
 
 _BLOCK = re.compile(r"(?:^|\.)(?:blocks|h|layers)\.(\d+)\.(.+)$")
 _ATTENTION = re.compile(r"(?:^|\.)(?:attn|attention|self_attn)(?:\.|$)")
 _MLP = re.compile(r"(?:^|\.)(?:mlp|ffn|feed_forward)(?:\.|$)")
 _WTE = re.compile(r"(?:^|\.)(?:wte|tok_emb|tok_embeddings|embed_tokens)(?:\.|$)")
 _LM_HEAD = re.compile(r"(?:^|\.)lm_head(?:\.|$)")
+
+
+def width_for_depth(depth: int) -> tuple[int, int]:
+    """(n_embd, n_head) of nanochat's depth-``depth`` model: width 64 per layer, heads of at most 128 dims."""
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(f"depth must be a positive integer, got {depth!r}")
+    n_embd = WIDTH_PER_LAYER * depth
+    return n_embd, math.ceil(n_embd / MAX_HEAD_DIM)
 
 
 @dataclass(frozen=True)
@@ -52,10 +63,9 @@ class GPTShape:
         return self.n_embd // self.n_head
 
     @classmethod
-    def from_depth(cls, depth: int, vocab_size: int, sequence_len: int) -> "GPTShape":
-        """nanochat's rule: width 64 per layer, heads of at most 128 dims."""
-        n_embd = 64 * depth
-        n_head = max(1, math.ceil(n_embd / 128))
+    def from_depth(cls, depth: int, vocab_size: int, sequence_len: int) -> GPTShape:
+        """nanochat's depth-``depth`` model (see ``width_for_depth``)."""
+        n_embd, n_head = width_for_depth(depth)
         return cls(depth, n_embd, n_head, n_head, vocab_size, sequence_len)
 
 
@@ -75,7 +85,7 @@ class Component:
         return None
 
 
-def _positive_int(value) -> bool:
+def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
@@ -135,7 +145,7 @@ def component_of(name: str) -> tuple[str, int | None]:
 
 def components_from_parameters(parameters: Mapping[str, tuple[int, ...]]) -> list[Component]:
     """Group parameter shapes into components (those with at least one parameter), in COMPONENTS order."""
-    totals = {c: 0 for c in COMPONENTS}
+    totals = dict.fromkeys(COMPONENTS, 0)
     blocks: dict[str, dict[int, int]] = {"attention": {}, "mlp": {}}
     for name, shape in parameters.items():
         count = math.prod(shape)
@@ -145,13 +155,15 @@ def components_from_parameters(parameters: Mapping[str, tuple[int, ...]]) -> lis
             blocks[component][index] = blocks[component].get(index, 0) + count
     out = []
     for c in COMPONENTS:
-        if totals[c] or (c in blocks and blocks[c]):
+        if totals[c] or blocks.get(c):
             per_block = tuple(v for _, v in sorted(blocks.get(c, {}).items()))
             out.append(Component(c, totals[c], per_block))
     return out
 
 
-def choose_components(config: Mapping[str, Any], parameters: Mapping[str, tuple[int, ...]]):
+def choose_components(
+    config: Mapping[str, Any], parameters: Mapping[str, tuple[int, ...]]
+) -> tuple[list[Component], Literal["parameters", "config"] | None]:
     """(components, source): from parameters when they list the model's blocks, else from the config.
 
     A report parsed from Markdown lists only the parameters it shows gradients of (wte and lm_head
@@ -200,7 +212,7 @@ class SweepRow:
     flops_per_token: int
 
 
-def depth_sweep(vocab_size: int, sequence_len: int, depths=DEFAULT_DEPTHS) -> list[SweepRow]:
+def depth_sweep(vocab_size: int, sequence_len: int, depths: Iterable[int] = DEFAULT_DEPTHS) -> list[SweepRow]:
     """Parameters and FLOPs per token of nanochat's depth-d models at the given vocab and length."""
     rows = []
     for depth in depths:

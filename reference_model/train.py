@@ -1,16 +1,20 @@
 """Optimizers, synthetic batches and a small training loop for the reference GPT."""
 
+from __future__ import annotations
+
 import argparse
 import itertools
 import math
+from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn as nn
 
 from .gpt import GPT, GPTConfig
 
+Batch = tuple[torch.Tensor, torch.Tensor]  # (idx int32, targets int64), each (batch_size, sequence_len)
 
-def optimizers(model: GPT):
+
+def optimizers(model: GPT) -> list[torch.optim.Optimizer]:
     """nanochat's split: AdamW for the embedding and the head, Muon for every 2-D block matrix."""
     scale = (model.config.n_embd / 768) ** -0.5
     adamw = torch.optim.AdamW(
@@ -45,8 +49,8 @@ def synthetic_batches(
     *,
     fresh: bool = False,
     exponent: float = 1.1,
-    device="cpu",
-):
+    device: torch.device | str = "cpu",
+) -> Iterator[Batch]:
     """Endless deterministic (idx int32, targets int64) batches of shape (batch_size, sequence_len).
 
     Each batch is cut from one Zipf-distributed token stream; targets are the next tokens.
@@ -56,7 +60,7 @@ def synthetic_batches(
     probs = zipf_probs(config.vocab_size, exponent)
     T = config.sequence_len
 
-    def draw():
+    def draw() -> Batch:
         stream = torch.multinomial(probs, batch_size * T + 1, replacement=True, generator=gen)
         idx = stream[:-1].view(batch_size, T).to(torch.int32)
         targets = stream[1:].view(batch_size, T).to(torch.int64)
@@ -68,7 +72,7 @@ def synthetic_batches(
     return (draw() for _ in itertools.count())
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reference_model", description=__doc__)
     parser.add_argument("--depth", type=int, default=4, help="number of layers (default 4)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")

@@ -1,10 +1,15 @@
+import dataclasses
+import inspect
 import math
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import reference_model.gpt as gpt
+from pytest_gpttrace import scaling
 from reference_model import GPT, GPTConfig, Tap, optimizers, synthetic_batches
 
 SEED_CONFIG = GPTConfig.from_depth(4)
@@ -12,7 +17,7 @@ SEED_CONFIG = GPTConfig.from_depth(4)
 
 def record_taps(model):
     """Forward-hook every tap; returns the dict that fills with stage outputs."""
-    seen = {}
+    seen: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, Tap):
             module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.detach()))
@@ -30,21 +35,51 @@ def test_from_depth_gives_the_seed_config():
     assert (c.vocab_size, c.sequence_len, c.softcap, c.rope_base) == (65536, 1024, 15.0, 10000)
     assert GPTConfig.from_depth(12).n_head == 6
     assert GPTConfig.from_depth(3).n_head == 2  # ceil(192 / 128)
+    assert GPTConfig.from_depth(4) == GPTConfig()  # from_depth's softcap and rope_base are the field defaults
 
 
 def test_config_is_frozen():
-    with pytest.raises(Exception):
-        SEED_CONFIG.n_layer = 5
+    for field in dataclasses.fields(GPTConfig):
+        with pytest.raises(dataclasses.FrozenInstanceError, match=rf"^cannot assign to field '{field.name}'$"):
+            setattr(SEED_CONFIG, field.name, 5)
+    assert GPTConfig.from_depth(4) == SEED_CONFIG
+
+
+def test_every_config_field_has_a_comment():
+    source = inspect.getsource(GPTConfig)
+    for field in dataclasses.fields(GPTConfig):
+        assert re.search(rf"^    {field.name}: \w+ = [^#\n]+  # \S", source, re.M), field.name
+
+
+def test_from_depth_follows_the_one_width_rule(monkeypatch):
+    for depth in (1, 2, 3, 4, 8, 12, 20):
+        c = GPTConfig.from_depth(depth, vocab_size=1000, sequence_len=64)
+        shape = scaling.GPTShape.from_depth(depth, 1000, 64)
+        assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head) == (shape.n_layer, shape.n_embd, shape.n_head, shape.n_kv_head)
+    monkeypatch.setattr(scaling, "WIDTH_PER_LAYER", 32)  # the rule lives in scaling alone
+    c = GPTConfig.from_depth(4)
+    assert (c.n_embd, c.n_head) == (128, 1)
+
+
+@pytest.mark.parametrize("depth", [0, -1, 2.0, True])
+def test_from_depth_rejects_a_bad_depth(depth):
+    with pytest.raises(ValueError, match=rf"^depth must be a positive integer, got {re.escape(repr(depth))}$"):
+        GPTConfig.from_depth(depth)
+
+
+def test_from_depth_passes_softcap_and_rope_base():
+    c = GPTConfig.from_depth(2, softcap=30.0, rope_base=500.0)
+    assert (c.n_embd, c.softcap, c.rope_base) == (128, 30.0, 500.0)
 
 
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(n_embd=100, n_head=3, n_kv_head=3), "n_embd"),
-        (dict(n_embd=128, n_head=4, n_kv_head=3), "n_head"),
-        (dict(n_embd=12, n_head=4, n_kv_head=4), "head_dim"),
-        (dict(n_layer=0), "n_layer"),
-        (dict(vocab_size=-1), "vocab_size"),
+        ({"n_embd": 100, "n_head": 3, "n_kv_head": 3}, "n_embd"),
+        ({"n_embd": 128, "n_head": 4, "n_kv_head": 3}, "n_head"),
+        ({"n_embd": 12, "n_head": 4, "n_kv_head": 4}, "head_dim"),
+        ({"n_layer": 0}, "n_layer"),
+        ({"vocab_size": -1}, "vocab_size"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs, field):
@@ -76,6 +111,51 @@ def test_init_is_seeded_and_independent_of_global_rng():
     assert not torch.equal(a["wte.weight"], other["wte.weight"])
 
 
+INIT_CONFIG = GPTConfig(sequence_len=8, vocab_size=512, n_layer=2, n_head=4, n_kv_head=1, n_embd=64)
+
+
+def init_table():
+    """{parameter: what it starts as} from the table in GPT.init_weights' docstring."""
+    rows = re.findall(r"^\s+((?:wte|blocks|lm_head)\S*)\s+\([^)]*\)\s+(.+?)\s*$", GPT.init_weights.__doc__ or "", re.M)
+    return dict(rows)
+
+
+def test_the_init_table_lists_every_parameter_as_it_starts():
+    model = GPT(INIT_CONFIG, seed=3)
+    table = init_table()
+    names = {re.sub(r"^blocks\.\d+\.", "blocks.i.", n) for n, _ in model.named_parameters()}
+    assert set(table) == names
+    C, D, Hkv = 64, 16, 1
+    expected_std = {"normal, std 1": 1.0, "normal, std 1/√C": C**-0.5,
+                    "normal, std 1/√C · min(1, √(Hkv·D/C))": C**-0.5 * min(1.0, math.sqrt(Hkv * D / C))}
+    for name, p in model.named_parameters():
+        start = table[re.sub(r"^blocks\.\d+\.", "blocks.i.", name)]
+        if start == "zeros":
+            assert not p.any(), name
+        else:
+            assert p.mean().abs().item() < 0.1 * expected_std[start], name
+            assert p.std().item() == pytest.approx(expected_std[start], rel=0.1), name
+
+
+def test_every_tap_is_an_attribute_written_out_with_its_shape():
+    source = inspect.getsource(gpt)
+    model = GPT(INIT_CONFIG)
+    taps = [n for n, m in model.named_modules() if isinstance(m, Tap)]
+    for name in {n.rsplit(".", 1)[-1] for n in taps}:
+        assert re.search(rf"^\s+self\.{name} = Tap\(\)  # \(", source, re.M), name
+
+
+def test_taps_hang_on_the_model_own_modules_only():
+    """No tap hangs on a torch container or layer (inputs.* hung on an nn.ModuleDict and lm_head.* on
+    the nn.Linear before)."""
+    model = GPT(INIT_CONFIG)
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if isinstance(module, Tap):
+            parent = modules[name.rpartition(".")[0]]
+            assert type(parent).__module__ == gpt.__name__, (name, type(parent))
+
+
 def test_zero_init_weights_and_no_biases():
     c = GPTConfig(sequence_len=8, vocab_size=32, n_layer=2, n_head=1, n_kv_head=1, n_embd=16)
     model = GPT(c)
@@ -102,7 +182,7 @@ def test_stage_names_are_the_documented_taps():
 def test_a_tap_hook_that_returns_a_tensor_replaces_the_stage():
     c = GPTConfig(sequence_len=8, vocab_size=32, n_layer=1, n_head=1, n_kv_head=1, n_embd=16)
     model = GPT(c)
-    idx, targets = next(synthetic_batches(c))
+    idx, _ = next(synthetic_batches(c))
     model.lm_head.softcap.register_forward_hook(lambda m, i, o: torch.full_like(o, 3.0))
     logits = model(idx)
     assert torch.equal(logits, torch.full_like(logits, 3.0))
@@ -120,7 +200,7 @@ def seed_step0():
 
 
 def test_seed_config_step0_matches_the_seed_trace(seed_step0):
-    model, seen, loss = seed_step0
+    _, seen, loss = seed_step0
     assert abs(seen["embed.wte"].std().item() - 1) < 0.01
     for i in range(4):
         for s in ("q", "k", "v"):

@@ -1,4 +1,6 @@
+import itertools
 import math
+import re
 
 import pytest
 
@@ -7,6 +9,12 @@ from pytest_gpttrace.scaling import Component, GPTShape
 
 SEED_CONFIG = {"sequence_len": 1024, "vocab_size": 65536, "n_layer": 4, "n_head": 2, "n_kv_head": 2,
                "n_embd": 256, "softcap": 15.0, "rope_base": 10000.0}
+
+
+def shape_of(config):
+    shape = scaling.shape_from_config(config)
+    assert shape is not None, config
+    return shape
 
 
 def reference_parameters(n_layer=4, d=256, V=65536, kv_dim=256):
@@ -28,7 +36,7 @@ def test_seed_config_parameters_and_flops():
 
 
 def test_components_from_the_config():
-    components = scaling.components_from_config(scaling.shape_from_config(SEED_CONFIG))
+    components = scaling.components_from_config(shape_of(SEED_CONFIG))
     assert [(c.name, c.total, c.uniform_per_block) for c in components] == [
         ("wte", 16_777_216, None), ("attention", 4 * 262_144, 262_144), ("mlp", 4 * 524_288, 524_288),
         ("lm_head", 16_777_216, None)]
@@ -37,14 +45,14 @@ def test_components_from_the_config():
 
 def test_parameter_shapes_group_like_the_config():
     from_params = scaling.components_from_parameters(reference_parameters())
-    assert from_params == scaling.components_from_config(scaling.shape_from_config(SEED_CONFIG))
-    shape = scaling.shape_from_config(SEED_CONFIG)
+    assert from_params == scaling.components_from_config(shape_of(SEED_CONFIG))
+    shape = shape_of(SEED_CONFIG)
     assert scaling.flops_per_token(shape, from_params) == 132_120_576
 
 
 def test_grouped_query_attention():
     config = {**SEED_CONFIG, "n_head": 4, "n_kv_head": 1}  # head_dim 64, c_k and c_v are 256 x 64
-    shape = scaling.shape_from_config(config)
+    shape = shape_of(config)
     attn = 256 * 256 + 2 * 256 * 64 + 256 * 256
     assert scaling.attention_params_per_block(shape) == attn == 163_840
     total = 2 * 65536 * 256 + 4 * (attn + 8 * 256**2)
@@ -54,13 +62,27 @@ def test_grouped_query_attention():
     assert scaling.total_params(scaling.components_from_parameters(params)) == total
 
 
+@pytest.mark.parametrize("depth, width", [(1, (64, 1)), (2, (128, 1)), (3, (192, 2)), (4, (256, 2)),
+                                          (12, (768, 6)), (20, (1280, 10)), (26, (1664, 13))])
+def test_width_for_depth(depth, width):
+    assert scaling.width_for_depth(depth) == width
+    shape = GPTShape.from_depth(depth, 1000, 64)
+    assert (shape.n_layer, shape.n_embd, shape.n_head, shape.n_kv_head) == (depth, *width, width[1])
+
+
+@pytest.mark.parametrize("depth", [0, -3, 4.0, True, None])
+def test_width_for_depth_rejects_a_bad_depth(depth):
+    with pytest.raises(ValueError, match=rf"^depth must be a positive integer, got {re.escape(repr(depth))}$"):
+        scaling.width_for_depth(depth)
+
+
 def test_depth_sweep_follows_nanochat_rule():
     rows = scaling.depth_sweep(65536, 1024)
     assert [r.depth for r in rows] == list(scaling.DEFAULT_DEPTHS)
     first = rows[0]
     assert (first.n_embd, first.n_head, first.params, first.flops_per_token) == (256, 2, 36_700_160, 132_120_576)
     assert [(r.n_embd, r.n_head) for r in rows][-1] == (1664, 13)
-    assert all(a.params < b.params and a.flops_per_token < b.flops_per_token for a, b in zip(rows, rows[1:]))
+    assert all(a.params < b.params and a.flops_per_token < b.flops_per_token for a, b in itertools.pairwise(rows))
     d20 = rows[scaling.DEFAULT_DEPTHS.index(20)]
     assert d20.params == 2 * 65536 * 1280 + 12 * 20 * 1280**2
 
