@@ -9,10 +9,11 @@ Markdown, so only the closing section's heading ends it). Lines are numbered fro
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Union
 
 from ..errors import MarkdownParseError
+from ..trace import PathLike
 from .layout import ANOMALIES, COMPLETE, SCALING, TITLE, TRAINING
 
 _COLOR = r'<span style="color: #[0-9a-fA-F]{6}">'
@@ -104,7 +105,7 @@ class Text:
     line: int
 
 
-Record = Union[SectionHeading, HeaderField, Banner, StatBlock, Table, Completion, Text]
+Record = SectionHeading | HeaderField | Banner | StatBlock | Table | Completion | Text
 
 
 def cells(line: str) -> tuple[str, ...]:
@@ -121,7 +122,7 @@ def short(text: str) -> str:
     return repr(text if len(text) <= 60 else text[:57] + "...")
 
 
-def lex(text: str, file=None) -> Iterator[Record]:
+def lex(text: str, file: PathLike | None = None) -> Iterator[Record]:
     """The records of a report, in order. Raises MarkdownParseError for what is not such a report."""
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if not text.strip():
