@@ -30,7 +30,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -360,7 +361,10 @@ class _Reader:
             return float(value.replace("Infinity", "inf"))
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(path, f"expected a number{' or null' if nullable else ''}, got {_typename(value)} {_short(value)}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            self.fail(path, f"expected a number, got an integer too large for a float ({len(str(value))} digits)")
 
     def stats(self, d: object, path: str) -> TensorStats | None:
         if d is None:
@@ -449,14 +453,66 @@ def _short(v: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+MAX_DEPTH = 64  # of the free-form objects (config, environment, calibration); a trace is about 6 deep
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how JSON text spells a UTF-16 surrogate
+
+
 def _json_document(text: str, r: _Reader) -> JSONValue:
-    """json.loads, with every way it can fail as one TraceFormatError."""
+    """json.loads, with every way it can fail as one TraceFormatError; every string valid Unicode."""
     try:
-        return json.loads(text)
+        doc = json.loads(text)
     except json.JSONDecodeError as exc:
         r.fail("", f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})")
     except RecursionError:
         r.fail("", "not a JSON trace: nested too deeply to read")
+    except ValueError as exc:  # an integer of more digits than int() reads
+        r.fail("", f"not a JSON trace: {str(exc).split(';')[0]}")
+    if _SURROGATE_ESCAPE.search(text):  # a lone surrogate cannot be printed or written as UTF-8
+        for value, path in _walk(doc, "$"):
+            if isinstance(value, str) and not _encodable(value):
+                r.fail(path, f"a string holds a lone UTF-16 surrogate, not a character: {ascii(value)[:40]}")
+    return doc
+
+
+def _walk(value: object, path: str) -> Iterator[tuple[object, str]]:
+    """Every value and dictionary key under value with its JSON path, in document order, without recursion."""
+    stack = [(value, path)]
+    while stack:
+        value, path = stack.pop()
+        yield value, path
+        if isinstance(value, dict):
+            children = []
+            for key, item in value.items():
+                yield key, path
+                children.append((item, _member(path, key)))
+            stack += reversed(children)
+        elif isinstance(value, list):
+            stack += reversed([(item, f"{path}[{i}]") for i, item in enumerate(value)])
+
+
+def _member(path: str, key: str) -> str:
+    return f"{path}.{key}" if key.isidentifier() else f"{path}[{json.dumps(key)}]"
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_depth(value: object, path: str, r: _Reader) -> None:
+    """A free-form object nested no deeper than MAX_DEPTH (writing it again recurses)."""
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)) and depth > MAX_DEPTH:
+            r.fail(path, f"nested deeper than {MAX_DEPTH} levels: not a trace's value")
+        if isinstance(value, dict):
+            stack += [(item, depth + 1) for item in value.values()]
+        elif isinstance(value, list):
+            stack += [(item, depth + 1) for item in value]
 
 
 def loads(text: str, file: PathLike | None = None) -> Trace:
@@ -495,9 +551,13 @@ def loads(text: str, file: PathLike | None = None) -> Trace:
             loss_band=r.band_value(r.get(it, "loss_band", p, number_or_null, "a number or null", optional=True),
                                    f"{p}.loss_band"),
         ))
+    config = r.get(doc, "config", "$", (dict,), "an object (the model config)")
+    environment = r.get(doc, "environment", "$", (dict,), "an object (the environment)")
+    for key, value in (("config", config), ("environment", environment), ("calibration", calibration)):
+        _check_depth(value, f"$.{key}", r)
     return Trace(
-        config=r.get(doc, "config", "$", (dict,), "an object (the model config)"),
-        environment=r.get(doc, "environment", "$", (dict,), "an object (the environment)"),
+        config=config,
+        environment=environment,
         iterations=tuple(iterations),
         parameters={k: tuple(v) for k, v in parameters.items()},
         model=r.get(doc, "model", "$", (str,), "the model class name", optional=True) or "",
