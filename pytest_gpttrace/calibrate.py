@@ -191,8 +191,9 @@ def _relative(band: float, unit: float) -> float:
     return band / unit if unit > 0 else 0.0
 
 
-def effective_bands(it: Iteration) -> dict[tuple[Section, str], dict[str, float]]:
-    """(section, stage) -> statistic -> the pooled band that ``calibrated`` multiplies by k."""
+def effective_bands(it: Iteration) -> dict[tuple[str, str], dict[str, float]]:
+    """(section, stage) -> statistic -> the pooled band that ``calibrated`` multiplies by k (the
+    sections are Section members, which equal their names)."""
     relative: dict[tuple[Section, str], float] = {}  # a stage's relative noise (step 1)
     banded: dict[tuple[Section, str], tuple[TensorStats, Mapping[str, float]]] = {}
     zero_bands: dict[Section, list[float]] = {}
@@ -213,7 +214,7 @@ def effective_bands(it: Iteration) -> dict[tuple[Section, str], dict[str, float]
         values = [v for (sec, _), v in relative.items() if sec == section]
         medians[section] = statistics.median(values) if values else 0.0
     zero_medians = {sec: statistics.median(v) for sec, v in zero_bands.items()}
-    out: dict[tuple[Section, str], dict[str, float]] = {}
+    out: dict[tuple[str, str], dict[str, float]] = {}
     for (section, name), stage_relative in relative.items():
         s, band = banded[(section, name)]
         if not _is_float(s.dtype):

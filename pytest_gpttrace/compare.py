@@ -326,13 +326,14 @@ def _calibrated_allowed(profile: Profile, stat: str, g: TensorStats, band: float
     return max(floor, profile.band_k * (band or 0.0))
 
 
-def compare_stats(iteration: int, section: Section, stage: str, g: TensorStats | None, o: TensorStats | None,
+def compare_stats(iteration: int, section: Section | str, stage: str, g: TensorStats | None, o: TensorStats | None,
                   profile: Profile, *, quantum: float = 0.0, partial_obtained: bool = False,
                   bands: Mapping[str, float] | None = None, worst: _Worst | None = None) -> list[Mismatch]:
     """Mismatches of one stage. quantum: rounding of either side (a Markdown report) added to every
     tolerance; partial_obtained: the obtained side is a report that omits some statistics; bands:
     this stage's pooled calibration bands (calibrated profile)."""
     out: list[Mismatch] = []
+    section = Section(section)
 
     def mismatch(stat: str, gv: object, ov: object, allowed: float | None = None, band: float | None = None) -> None:
         out.append(Mismatch(iteration, section, stage, stat, gv, ov, allowed, band))
