@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def pytest_run(project: Path, *args: str, calibration: bool = True) -> float:
     return seconds
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per figure (default 3)")
     args = parser.parse_args(argv)
@@ -62,6 +63,8 @@ def main(argv=None) -> int:
             calibrated.append(pytest_run(project, "--update-golden"))
             compare_calibrated.append(pytest_run(project, "--gpt-trace"))
         golden = load(next((project / "golden").rglob("*.json")))
+    if golden.calibration is None:
+        raise SystemExit("the golden recorded with its band has no calibration record")
     timings = {}
     for name, profile in (("exact", EXACT), ("calibrated", None)):
         runs = []
@@ -73,10 +76,12 @@ def main(argv=None) -> int:
     med = statistics.median
     import torch
 
+    from pytest_gpttrace.trace import EnvKey
     from pytest_gpttrace.tracer import device_provenance
 
     cpu = device_provenance(torch.device("cpu"))
-    print(f"machine: {cpu['device_name']} ({cpu['cpu_capability']}), {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"machine: {cpu[EnvKey.DEVICE_NAME]} ({cpu[EnvKey.CPU_CAPABILITY]}), {os.cpu_count()} cores, "
+          f"torch {torch.__version__}")
     print(f"record the tiny golden: {med(plain):.1f} s plain, {med(calibrated):.1f} s with its band "
           f"({len(golden.calibration['variants'])} replays: "
           f"{', '.join(v['variant'] for v in golden.calibration['variants'])})")

@@ -31,15 +31,20 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pytest_gpttrace.tracer import capture  # noqa: E402
-from reference_model import GPT, GPTConfig  # noqa: E402
-from reference_model.train import synthetic_batches  # noqa: E402
+from pytest_gpttrace.tracer import Capture, capture
+from reference_model import GPT, GPTConfig
+from reference_model.train import synthetic_batches
+
+Step = Callable[[bool], None]  # one training step, traced or not
 
 
 # ------------------------------------------------------------------------------ peak memory
@@ -87,7 +92,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def make_run(depth: int, args, device: torch.device):
+@dataclass
+class RunState:
+    """What the traced steps of a run report: the statistics path, the tensors summarised, hook time."""
+
+    capture: Capture
+    path: str | None = None
+    stats: int = 0
+    direct: list[float] = field(default_factory=list)  # seconds inside the capture per traced step
+
+
+def make_run(depth: int, args: argparse.Namespace, device: torch.device) -> tuple[GPTConfig, GPT, Step, RunState]:
     config = GPTConfig.from_depth(depth, vocab_size=args.vocab_size, sequence_len=args.sequence_len)
     model = GPT(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -96,10 +111,10 @@ def make_run(depth: int, args, device: torch.device):
     # One capture for the whole run, as in a training loop that traces every step: its setup (hook
     # registration, the zero-parameter census, compiling the kernel) is paid once, not per step.
     cap = capture(model, stats_path=args.stats_path).__enter__()
-    state = {"path": None, "stats": 0, "capture": cap}
+    state = RunState(cap)
 
-    def train_step():
-        loss = model(idx, targets)
+    def train_step() -> torch.Tensor:
+        loss: torch.Tensor = model(idx, targets)
         loss.backward()
         return loss
 
@@ -110,9 +125,10 @@ def make_run(depth: int, args, device: torch.device):
             opt.step()
             opt.zero_grad(set_to_none=True)
             note = cap.path_note()
-            state["path"] = cap.stats_path + (f" ({note})" if note else "")
-            state["stats"] = len(it.forward) + len(it.stage_grads) + len(it.param_grads)
-            state.setdefault("direct", []).append(cap.last_overhead_s)
+            state.path = cap.stats_path + (f" ({note})" if note else "")
+            state.stats = len(it.forward) + len(it.stage_grads) + len(it.param_grads)
+            if cap.last_overhead_s is not None:
+                state.direct.append(cap.last_overhead_s)
             cap.iterations.clear()  # statistics are not what is measured here: do not accumulate them
         else:
             with cap.paused():  # the hooks stay registered and return at once
@@ -123,7 +139,7 @@ def make_run(depth: int, args, device: torch.device):
     return config, model, step, state
 
 
-def measure(step, traced: bool, memory: PeakMemory, device) -> tuple[float, float | None]:
+def measure(step: Step, traced: bool, memory: PeakMemory, device: torch.device) -> tuple[float, float | None]:
     gc.collect()
     sync(device)
     memory.reset()
@@ -134,7 +150,7 @@ def measure(step, traced: bool, memory: PeakMemory, device) -> tuple[float, floa
     return elapsed, memory.peak()
 
 
-def run_depth(depth: int, args, device) -> dict:
+def run_depth(depth: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     config, model, step, state = make_run(depth, args, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"depth {depth}: d_model {config.n_embd}, {config.n_head} heads, {n_params / 1e6:.1f}M parameters, "
@@ -147,10 +163,10 @@ def run_depth(depth: int, args, device) -> dict:
     print(f"  warm-up: {args.warmup} plain + {args.warmup} traced steps in {time.perf_counter() - t0:.1f} s "
           f"(includes compiling the statistics kernel on first use)", flush=True)
     plain, traced, ratios, mem_plain, mem_traced = [], [], [], [], []
-    state["direct"] = []
+    state.direct.clear()
     for i in range(args.pairs):
         order = (False, True) if i % 2 == 0 else (True, False)
-        got = {}
+        got: dict[bool, tuple[float, float | None]] = {}
         for kind in order:
             got[kind] = measure(step, kind, memory, device)
         (tp, mp), (tt, mt) = got[False], got[True]
@@ -161,20 +177,20 @@ def run_depth(depth: int, args, device) -> dict:
             mem_plain.append(mp)
             mem_traced.append(mt)
         print(f"  pair {i + 1}/{args.pairs}: plain {tp:.3f} s, traced {tt:.3f} s, ratio {tt / tp:.3f}", flush=True)
-    result = {
+    result: dict[str, Any] = {
         "depth": depth,
         "ratio": statistics.median(ratios),
         "spread": (min(ratios), max(ratios)),
         "plain_s": statistics.median(plain),
         "traced_s": statistics.median(traced),
-        "path": state["path"],
-        "stats": state["stats"],
+        "path": state.path,
+        "stats": state.stats,
         "mem_plain": max(mem_plain) if mem_plain else None,
         "mem_traced": max(mem_traced) if mem_traced else None,
     }
     result["mem_ratio"] = (result["mem_traced"] / result["mem_plain"]) if mem_plain else None
     result["best"] = min(traced) / min(plain)
-    result["direct_s"] = statistics.median(state["direct"])
+    result["direct_s"] = statistics.median(state.direct)
     mem = ("peak memory n/a" if result["mem_ratio"] is None else
            f"peak memory plain {result['mem_plain'] / 2**20:.0f} MiB, traced {result['mem_traced'] / 2**20:.0f} MiB, "
            f"ratio {result['mem_ratio']:.3f}")
@@ -186,13 +202,13 @@ def run_depth(depth: int, args, device) -> dict:
           f"end_iteration {result['direct_s'] * 1e3:.0f} ms per step = "
           f"{result['direct_s'] / result['plain_s']:.1%} of the plain step (median; not subject to the "
           f"machine's step-to-step noise)", flush=True)
-    state["capture"].__exit__(None, None, None)
+    state.capture.__exit__(None, None, None)
     del model, step, state
     gc.collect()
     return result
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depths", type=int, nargs="+", default=[4, 8, 12])
     p.add_argument("--pairs", type=int, default=9, help="timed (plain, traced) pairs per depth (default 9)")

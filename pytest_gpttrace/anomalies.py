@@ -19,13 +19,16 @@ moved, is an error. The zero-init parameters are those the capture saw exactly z
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 import re
-from dataclasses import dataclass, field, fields, make_dataclass, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import Field, dataclass, field, fields, make_dataclass, replace
 from enum import Enum
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, SupportsFloat, SupportsIndex, TypeVar
 
-from .trace import Iteration, TensorStats, Trace
+from .trace import Iteration, Section, TensorStats, Trace
+
 
 class Severity(str, Enum):
     """How much an anomaly matters; str-valued, so it prints and compares as "error" etc."""
@@ -88,27 +91,28 @@ class Rule:
     description: str
     severities: tuple[Severity, ...]
     thresholds: Mapping[str, float]
-    check: Callable[["Context"], list[Anomaly]]
+    check: Check
 
 
+Check = Callable[["Context"], list[Anomaly]]  # a rule's function
 REGISTRY: dict[str, Rule] = {}  # in detection order
 
 
 def rule(*, id: str, description: str, severity: Severity | Sequence[Severity],
-         thresholds: Mapping[str, float] | None = None):
+         thresholds: Mapping[str, float] | None = None) -> Callable[[Check], Check]:
     """Register the decorated ``function(ctx) -> list[Anomaly]`` as the rule ``id``."""
     severities = (severity,) if isinstance(severity, Severity) else tuple(severity)
-    thresholds = dict(thresholds or {})
+    defaults = dict(thresholds or {})
 
-    def register(function):
+    def register(function: Check) -> Check:
         if id in REGISTRY:
             raise ValueError(f"anomaly rule {id!r} is registered twice")
-        for name, default in thresholds.items():
+        for name, default in defaults.items():
             for other in REGISTRY.values():
                 if other.thresholds.get(name, default) != default:
                     raise ValueError(f"threshold {name!r}: default {default!r} in rule {id!r}, "
                                      f"{other.thresholds[name]!r} in rule {other.id!r}")
-        REGISTRY[id] = Rule(id, description, severities, thresholds, function)
+        REGISTRY[id] = Rule(id, description, severities, defaults, function)
         return function
 
     return register
@@ -116,11 +120,11 @@ def rule(*, id: str, description: str, severity: Severity | Sequence[Severity],
 
 def check_rules(ids: Iterable[str], *, noun: str = "rule", show: Callable[[str], str] = str) -> list[str]:
     """The rule ids as a list; ValueError naming the unknown ones and the known ones."""
-    ids = list(ids)
-    unknown = [r for r in ids if r not in REGISTRY]
+    listed = list(ids)
+    unknown = [r for r in listed if r not in REGISTRY]
     if unknown:
         raise ValueError(f"unknown {noun} {', '.join(map(show, unknown))}; known: {', '.join(REGISTRY)}")
-    return ids
+    return listed
 
 
 def _threshold_defaults() -> dict[str, float]:
@@ -130,12 +134,19 @@ def _threshold_defaults() -> dict[str, float]:
     return out
 
 
+_Th = TypeVar("_Th", bound="_ThresholdMethods")
+
+
 class _ThresholdMethods:
+    """The methods of ``Thresholds``, a frozen dataclass whose fields the rules declare."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # set on Thresholds by make_dataclass
+
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
-    def updated(self, values: Mapping[str, float]) -> "Thresholds":
+    def updated(self: _Th, values: Mapping[str, object]) -> _Th:
         """These thresholds with ``values`` replacing some; ValueError for an unknown name or a
         value that is not a finite number."""
         unknown = set(values) - set(self.names())
@@ -150,8 +161,8 @@ class _ThresholdMethods:
         return replace(self, **parsed)
 
 
-def _finite(value) -> float | None:
-    if isinstance(value, bool):
+def _finite(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (SupportsFloat, SupportsIndex, str)):
         return None
     try:
         number = float(value)
@@ -162,9 +173,9 @@ def _finite(value) -> float | None:
 
 def parse_thresholds(lines: Iterable[str]) -> dict[str, float]:
     """'name = value' lines (ini) into a dict; errors name the line."""
-    out = {}
-    for line in lines:
-        line = line.strip()
+    out: dict[str, float] = {}
+    for raw in lines:
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         name, sep, value = line.partition("=")
@@ -240,12 +251,12 @@ class Context:
     zero_schedule: tuple[Anomaly, ...]      # the zero-schedule and dead-gradient findings
 
     @classmethod
-    def of(cls, trace: Trace, th: Thresholds) -> "Context":
+    def of(cls, trace: Trace, th: Thresholds) -> Context:
         vocab = _vocab_size(trace)
         zero_init = _zero_init(trace)
         stuck = tuple(_stuck_loss(trace, th, vocab))
-        stuck_head = any(a.severity == ERROR and _loss_is_ln_v(trace.iterations[a.iteration].loss, vocab, th)
-                         for a in stuck)
+        stuck_head = any(a.severity == ERROR and a.iteration is not None
+                         and _loss_is_ln_v(trace.iterations[a.iteration].loss, vocab, th) for a in stuck)
         return cls(trace, th, vocab, zero_init, stuck, stuck_head,
                    tuple(_zero_schedule(trace, zero_init, stuck_head)))
 
@@ -272,7 +283,7 @@ def _zero_init(trace: Trace) -> dict[str, str | None]:
     if trace.zero_params is not None:
         return {p: _output_stage(trace, p) for p in trace.zero_params}
     # a parsed report: nanochat's zero-init choices, seen as stages that are exactly zero at iteration 0
-    out = {}
+    out: dict[str, str | None] = {}
     first = trace.iterations[0] if trace.iterations else None
     if first is None:
         return out
@@ -297,10 +308,10 @@ def _pending(trace: Trace, zero_init: Mapping[str, str | None], i: int) -> list[
                         for j in range(i))
             if not moved:
                 pending.append(param)
-        elif stage not in it.forward or it.forward[stage].all_zero:
-            if stage in it.forward or not any(stage in trace.iterations[j].forward and
-                                              not trace.iterations[j].forward[stage].all_zero for j in range(i)):
-                pending.append(param)
+        elif (stage not in it.forward or it.forward[stage].all_zero) and (
+                stage in it.forward or not any(stage in trace.iterations[j].forward and
+                                               not trace.iterations[j].forward[stage].all_zero for j in range(i))):
+            pending.append(param)
     return pending
 
 
@@ -321,7 +332,8 @@ def _zero_schedule(trace: Trace, zero_init: Mapping[str, str | None], stuck_head
         none_pgrads = [n for n, s in it.param_grads.items() if s is None]
         zero_pgrads = [n for n, s in it.param_grads.items() if _known_zero(s)]
         if pending:
-            init_outputs = [zero_init[p] for p in zero_init if p in pending and zero_init[p] in zero_out]
+            init_outputs = [stage for p, stage in zero_init.items()
+                            if p in pending and stage is not None and stage in zero_out]
             if init_outputs:
                 out.append(Anomaly(
                     "zero-schedule", INFO, i, None,
@@ -329,7 +341,7 @@ def _zero_schedule(trace: Trace, zero_init: Mapping[str, str | None], stuck_head
                     f"the zero-init pattern: {_fmt_names(pending, 4)} start at zero and have not been "
                     "moved by an optimizer step yet",
                     "nothing to do while it lasts; it is a bug if it outlasts the first optimizer steps"))
-            explained = [n for n in zero_pgrads + zero_sgrads]
+            explained = zero_pgrads + zero_sgrads
             if explained:
                 head = [p for p in pending if p.startswith("lm_head")]
                 because = ("the LM head is still zero, so no gradient flows back through it"
@@ -395,7 +407,7 @@ def _zero_schedule(trace: Trace, zero_init: Mapping[str, str | None], stuck_head
     return kept
 
 
-def _moved_before(trace, zero_init, param, i) -> bool:
+def _moved_before(trace: Trace, zero_init: Mapping[str, str | None], param: str, i: int) -> bool:
     stage = zero_init.get(param)
     for j in range(i + 1):
         it = trace.iterations[j]
@@ -410,9 +422,9 @@ def _moved_before(trace, zero_init, param, i) -> bool:
 def non_finite(ctx: Context) -> list[Anomaly]:
     trace = ctx.trace
     for i, it in enumerate(trace.iterations):
-        ordered = [("forward", n, s) for n, s in it.forward.items()]
-        ordered += [("stage gradient", n, s) for n, s in it.stage_grads.items()]
-        ordered += [("parameter gradient", n, s) for n, s in it.param_grads.items() if s is not None]
+        ordered = [(Section.FORWARD.label, n, s) for n, s in it.forward.items()]
+        ordered += [(Section.STAGE_GRADS.label, n, s) for n, s in it.stage_grads.items()]
+        ordered += [(Section.PARAM_GRADS.label, n, s) for n, s in it.param_grads.items() if s is not None]
         for kind, name, s in ordered:
             if s.nan or s.inf:
                 what = "NaN" if s.nan else "Inf"
@@ -424,26 +436,30 @@ def non_finite(ctx: Context) -> list[Anomaly]:
                                 "(a division by zero, log/sqrt of a non-positive value, an fp16 overflow, or a NaN input)",
                                 f"inspect the inputs of {name}; everything after it in execution order inherits the NaN")]
         if it.loss is not None and not math.isfinite(it.loss):
-            return [Anomaly("non-finite", ERROR, i, "loss", f"the loss is {it.loss} at iteration {i}",
+            return [Anomaly("non-finite", ERROR, i, Section.LOSS, f"the loss is {it.loss} at iteration {i}",
                             "an overflow or an invalid value in the logits or the targets",
                             "check the targets' range and the logits' magnitude")]
     return []
 
 
 # --------------------------------------------------------------------------- loss rules
-def _loss_is_ln_v(loss, v, th) -> bool:
+def _loss_is_ln_v(loss: float | None, v: int | None, th: Thresholds) -> bool:
     return v is not None and loss is not None and abs(loss - math.log(v)) <= th.ln_v_rtol * math.log(v)
 
 
-def _stuck_loss(trace: Trace, th: "Thresholds", v: int | None) -> list[Anomaly]:
+def _steady(a: float | None, b: float | None, rtol: float) -> bool:
+    """Both losses known and b within rtol of a."""
+    return a is not None and b is not None and abs(b - a) <= rtol * max(abs(a), 1e-12)
+
+
+def _stuck_loss(trace: Trace, th: Thresholds, v: int | None) -> list[Anomaly]:
     out = []
     its = trace.iterations
-    runs = []  # (start, end, stepped flags between)
+    runs = []  # (start, end) of each run of steady losses
     i = 0
     while i < len(its) - 1:
         j = i
-        while j + 1 < len(its) and its[j].loss is not None and its[j + 1].loss is not None and \
-                abs(its[j + 1].loss - its[j].loss) <= th.stuck_loss_rtol * max(abs(its[j].loss), 1e-12):
+        while j + 1 < len(its) and _steady(its[j].loss, its[j + 1].loss, th.stuck_loss_rtol):
             j += 1
         if j > i:
             runs.append((i, j))
@@ -461,20 +477,20 @@ def _stuck_loss(trace: Trace, th: "Thresholds", v: int | None) -> list[Anomaly]:
         head = ("the logits are all zero: the LM head is not being updated: check that optimizer.step() runs, "
                 "that lm_head is in a param group, and that the learning rate is not 0 at step 0")
         if all(s is False for s in between):
-            out.append(Anomaly("stuck-loss", INFO, b, "loss", what,
+            out.append(Anomaly("stuck-loss", INFO, b, Section.LOSS, what,
                                "expected: these are gradient-accumulation micro-steps (no optimizer step between them)",
                                "nothing to do"))
         elif all(s is True for s in between):
             cause = head if ln_v else ("the optimizer steps do not change the model: learning rate 0, "
                                        "parameters missing from the optimizer, or gradients zeroed before the step")
-            out.append(Anomaly("stuck-loss", ERROR, b, "loss", what + " across optimizer steps", cause,
+            out.append(Anomaly("stuck-loss", ERROR, b, Section.LOSS, what + " across optimizer steps", cause,
                                "check the param groups and learning rates, and that step() runs after backward()"))
         else:
             unknown = " (the trace does not say whether optimizer steps ran between them)" \
                 if any(s is None for s in between) else ""
             cause = ("either these are gradient-accumulation micro-steps with no optimizer step between them "
                      "(then this is expected), or the loop never steps" + (f"; if it does step, {head}" if ln_v else ""))
-            out.append(Anomaly("stuck-loss", ERROR, b, "loss", what + unknown, cause,
+            out.append(Anomaly("stuck-loss", ERROR, b, Section.LOSS, what + unknown, cause,
                                "record optimizer steps in the trace (trace_training does), and make sure "
                                "optimizer.step() runs with lm_head in a param group and lr > 0"))
     return out
@@ -497,19 +513,21 @@ def loss_at_init(ctx: Context) -> list[Anomaly]:
         return []
     first = trace.iterations[0]
     loss, ln_v = first.loss, math.log(v)
+    if loss is None:
+        return []
     logits = first.forward.get("lm_head.logits")
     zero_head = (trace.zero_params is not None and any(p.startswith("lm_head") for p in trace.zero_params)) \
         or (logits is not None and logits.all_zero)
     if zero_head:
         if abs(loss - ln_v) > th.ln_v_rtol * ln_v:
-            return [Anomaly("loss-at-init", ERROR, 0, "loss",
+            return [Anomaly("loss-at-init", ERROR, 0, Section.LOSS,
                             f"the first loss is {loss:.6f} but the logits are all zero, so it must be ln {v} = {ln_v:.6f}",
                             "the loss is not a mean cross-entropy over the vocabulary: a wrong reduction, "
                             "label smoothing, ignore_index masking most targets, or the wrong vocabulary size",
                             "compute F.cross_entropy(logits.view(-1, V), targets.view(-1)) with reduction='mean'")]
         return []
     if abs(loss - ln_v) > th.init_loss_rtol * ln_v:
-        return [Anomaly("loss-at-init", ERROR, 0, "loss",
+        return [Anomaly("loss-at-init", ERROR, 0, Section.LOSS,
                         f"the first loss is {loss:.6f}, far from ln {v} = {ln_v:.6f} expected of an untrained model",
                         "a broken init (logits far from uniform: a large head init or a missing softcap/scale) "
                         "or a broken loss", "verify the loss at init (Karpathy): it should be close to ln V")]
@@ -529,13 +547,13 @@ def divergence(ctx: Context) -> list[Anomaly]:
         prev = its[i - 1] if i else None
         if prev is not None and prev.stepped and prev.loss is not None and prev.loss > 0 \
                 and it.loss > th.divergence_factor * prev.loss:
-            out.append(Anomaly("divergence", ERROR, i, "loss",
+            out.append(Anomaly("divergence", ERROR, i, Section.LOSS,
                                f"the loss rose from {prev.loss:.6f} to {it.loss:.6f} over one optimizer step "
                                f"(more than {th.divergence_factor:g}x)",
                                "the learning rate is too high, or a warmup is missing",
                                "lower the learning rate or add warmup; check the gradient norms of that step"))
         elif best is not None and best > 0 and it.loss > th.spike_factor * best:
-            out.append(Anomaly("divergence", WARNING, i, "loss",
+            out.append(Anomaly("divergence", WARNING, i, Section.LOSS,
                                f"the loss {it.loss:.6f} spiked above {th.spike_factor:g}x its running minimum {best:.6f}",
                                "an unstable step (learning rate, a bad batch, or attention logit growth)",
                                "look at the gradient norms at that iteration; consider clipping or a lower lr"))
@@ -574,11 +592,12 @@ def norm_invariant(ctx: Context) -> list[Anomaly]:
             # rows that are exactly zero (padding, a zeroed position) stay zero: rms^2 = share of nonzero rows
             expected = math.sqrt(max(0.0, 1.0 - (s.zero_frac or 0.0)))
             if rms is not None and abs(rms - expected) > tol:
-                want = "1" if expected == 1.0 else f"{expected:.6f} (1 over its {1 - s.zero_frac:.1%} nonzero entries)"
+                want = "1" if expected == 1.0 else \
+                    f"{expected:.6f} (1 over its {1 - (s.zero_frac or 0.0):.1%} nonzero entries)"
                 out.append(Anomaly("norm-invariant", ERROR, i, name,
                                    f"{name} has rms {rms:.6f}, not {want} (tolerance {tol:g})",
                                    "the norm does not normalise: replaced by an identity, normalising over the "
-                                   "wrong dim, or carrying a learnable scale that moved", 
+                                   "wrong dim, or carrying a learnable scale that moved",
                                    f"check the norm that produces {name}: F.rms_norm(x, (x.size(-1),))"))
                 break  # one per iteration: later norms usually inherit the cause
     return _first_per_stage(out)
@@ -620,7 +639,7 @@ def softcap(ctx: Context) -> list[Anomaly]:
     out = []
     for i, it in enumerate(trace.iterations):
         s = it.forward.get("lm_head.softcap")
-        if s is None or s.min is None or not s.finite:
+        if s is None or s.min is None or s.max is None or not s.finite:
             continue
         peak = max(abs(s.min), abs(s.max))
         if peak > cap * (1 + 1e-6):
@@ -643,13 +662,12 @@ def softcap(ctx: Context) -> list[Anomaly]:
     return out
 
 
-def _layer_series(it: Iteration, section: str) -> list[tuple[int, str, TensorStats]]:
+def _layer_series(it: Iteration, section: Section) -> list[tuple[int, str, TensorStats]]:
     """Per block, the residual stream after the block (mlp_resid, else the next block's input)."""
-    stages = getattr(it, section)
-    by_block = {}
-    for name, s in stages.items():
+    by_block: dict[int, tuple[str, TensorStats]] = {}
+    for name, s in it.section(section).items():
         b = _block_index(name)
-        if b is None:
+        if b is None or s is None:
             continue
         if name.endswith("mlp_resid") or (name.endswith(".input") and b not in by_block):
             by_block[b] = (name, s)
@@ -662,8 +680,8 @@ def residual_growth(ctx: Context) -> list[Anomaly]:
     trace, th = ctx.trace, ctx.th
     out = []
     for i, it in enumerate(trace.iterations):
-        series = _layer_series(it, "forward")
-        for (b0, n0, s0), (b1, n1, s1) in zip(series, series[1:]):
+        series = _layer_series(it, Section.FORWARD)
+        for (_, n0, s0), (_, n1, s1) in itertools.pairwise(series):
             a, c = s0.std, s1.std
             if not a or c is None or not (math.isfinite(a) and math.isfinite(c)):
                 continue
@@ -686,8 +704,8 @@ def gradient_growth(ctx: Context) -> list[Anomaly]:
     trace, th = ctx.trace, ctx.th
     out = []
     for i, it in enumerate(trace.iterations):
-        series = _layer_series(it, "stage_grads")
-        for (b0, n0, s0), (b1, n1, s1) in zip(series, series[1:]):
+        series = _layer_series(it, Section.STAGE_GRADS)
+        for (_, n0, s0), (_, n1, s1) in itertools.pairwise(series):
             a, c = _rms(s0), _rms(s1)
             if not a or not c or not (math.isfinite(a) and math.isfinite(c)):
                 continue
@@ -737,12 +755,20 @@ def _first_per_stage(anomalies: list[Anomaly]) -> list[Anomaly]:
 
 
 # --------------------------------------------------------------------------- entry point
-Thresholds = make_dataclass(
-    "Thresholds", [(name, float, field(default=value)) for name, value in _threshold_defaults().items()],
-    bases=(_ThresholdMethods,), frozen=True, namespace={"__module__": __name__},
-)
-Thresholds.__doc__ = ("Named, configurable thresholds (ini gpt_trace_thresholds, marker thresholds=...), "
-                      "gathered from the rules' declarations; see the README's rule table.")
+if TYPE_CHECKING:
+    class Thresholds(_ThresholdMethods):
+        """What a type checker sees of the class below: one float field per declared threshold."""
+
+        def __init__(self, **values: float) -> None: ...
+
+        def __getattr__(self, name: str) -> float: ...
+else:
+    Thresholds = make_dataclass(
+        "Thresholds", [(name, float, field(default=value)) for name, value in _threshold_defaults().items()],
+        bases=(_ThresholdMethods,), frozen=True, namespace={"__module__": __name__},
+    )
+    Thresholds.__doc__ = ("Named, configurable thresholds (ini gpt_trace_thresholds, marker thresholds=...), "
+                          "gathered from the rules' declarations; see the README's rule table.")
 RULES = {r.id: r.description for r in REGISTRY.values()}  # rule id -> description
 
 

@@ -28,14 +28,15 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from typing import Any, TypedDict
 
-from .trace import Iteration, TensorStats, Trace
+from .trace import STAGE_SECTIONS, Iteration, JSONObject, Section, TensorStats, Trace
 
 BAND_STATS = ("mean", "std", "min", "max", "rms", "zero_frac")
 SCALED = ("mean", "std", "min", "max", "rms")  # pooled together within a stage
-SECTIONS = ("forward", "stage_grads", "param_grads")
+SECTIONS = STAGE_SECTIONS
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,13 @@ class Replay:
     description: str
     trace: Trace | None
     error: str | None = None
-    environment: Mapping | None = None
+    environment: JSONObject | None = None
 
 
 def scale(stat: str, s: TensorStats) -> float:
     """The unit a statistic's noise is measured in (see the module doc); 0 when it has none."""
     rms = abs(s.rms) if s.rms is not None and math.isfinite(s.rms) else 0.0
-    value = getattr(s, stat)
+    value = s.stat(stat)
     value = abs(value) if value is not None and math.isfinite(value) else 0.0
     if stat == "mean":
         return rms
@@ -70,15 +71,16 @@ def incomparable(golden: Trace, other: Trace) -> str | None:
     if dict(golden.config) != dict(other.config):
         keys = sorted(k for k in set(golden.config) | set(other.config) if golden.config.get(k) != other.config.get(k))
         return f"another model config ({', '.join(keys)})"
-    for g_it, o_it in zip(golden.iterations, other.iterations):
+    for g_it, o_it in zip(golden.iterations, other.iterations, strict=True):
         i = g_it.index
         if g_it.stepped != o_it.stepped or dict(g_it.lr) != dict(o_it.lr):
             return f"another optimizer schedule at iteration {i} (stepped {o_it.stepped}, lr {dict(o_it.lr)})"
         if (g_it.loss is None) != (o_it.loss is None) or (
-                g_it.loss is not None and math.isfinite(g_it.loss) != math.isfinite(o_it.loss)):
+                g_it.loss is not None and o_it.loss is not None
+                and math.isfinite(g_it.loss) != math.isfinite(o_it.loss)):
             return f"loss {o_it.loss} at iteration {i}, the golden has {g_it.loss}"
         for section in SECTIONS:
-            g_sec, o_sec = getattr(g_it, section), getattr(o_it, section)
+            g_sec, o_sec = g_it.section(section), o_it.section(section)
             if list(g_sec) != list(o_sec):
                 extra = [n for n in o_sec if n not in g_sec]
                 missing = [n for n in g_sec if n not in o_sec]
@@ -89,7 +91,7 @@ def incomparable(golden: Trace, other: Trace) -> str | None:
                 o = o_sec[name]
                 if (g is None) != (o is None):
                     return f"{name} ({section}) has a gradient on one side only at iteration {i}"
-                if g is None:
+                if g is None or o is None:
                     continue
                 if g.shape != o.shape or g.dtype != o.dtype:
                     return f"{name} ({section}) is {o.dtype} {list(o.shape)} at iteration {i}, " \
@@ -120,10 +122,15 @@ class Calibrated:
     seconds: float | None = None
 
 
+class Excluded(TypedDict):
+    variant: str
+    reason: str
+
+
 def measure(golden: Trace, replays: Sequence[Replay], *, k: float, floor: float) -> Trace:
     """The golden with a band on every statistic and its calibration record (format 2)."""
-    used = []
-    excluded = []
+    used: list[tuple[Replay, Trace]] = []
+    excluded: list[Excluded] = []
     for r in replays:
         if r.trace is None:
             excluded.append({"variant": r.variant, "reason": r.error or "the replay produced no trace"})
@@ -132,37 +139,48 @@ def measure(golden: Trace, replays: Sequence[Replay], *, k: float, floor: float)
         if why:
             excluded.append({"variant": r.variant, "reason": why})
         else:
-            used.append(r)
+            used.append((r, r.trace))
     iterations = []
     for n, g_it in enumerate(golden.iterations):
-        others = [r.trace.iterations[n] for r in used]
-        sections = {}
+        others = [trace.iterations[n] for _, trace in used]
+        sections: dict[Section, dict[str, TensorStats | None]] = {}
         for section in SECTIONS:
-            out = {}
-            for name, g in getattr(g_it, section).items():
+            out: dict[str, TensorStats | None] = {}
+            for name, g in g_it.section(section).items():
                 if g is None:
                     out[name] = None
                     continue
                 band = {}
                 for stat in BAND_STATS:
-                    if getattr(g, stat) is None:
+                    if g.stat(stat) is None:
                         continue
-                    band[stat] = max((_deviation(getattr(g, stat), getattr(getattr(o, section)[name], stat))
+                    band[stat] = max((_deviation(g.stat(stat), _stat(o.section(section)[name], stat))
                                       for o in others), default=0.0)
                 out[name] = replace(g, band=band)
             sections[section] = out
         loss_band = max((_deviation(g_it.loss, o.loss) for o in others), default=0.0) \
             if g_it.loss is not None else None
-        iterations.append(replace(g_it, loss_band=loss_band, **sections))
-    calibration = {
+        iterations.append(replace(g_it, loss_band=loss_band, forward=_stages(sections[Section.FORWARD]),
+                                  stage_grads=_stages(sections[Section.STAGE_GRADS]),
+                                  param_grads=sections[Section.PARAM_GRADS]))
+    calibration: dict[str, Any] = {
         "k": k,
         "floor": floor,
         "replays": len(used),
         "variants": [{"variant": r.variant, "what": r.description,
-                      **({"environment": dict(r.environment)} if r.environment else {})} for r in used],
+                      **({"environment": dict(r.environment)} if r.environment else {})} for r, _ in used],
         "excluded": excluded,
     }
     return replace(golden, iterations=tuple(iterations), calibration=calibration)
+
+
+def _stat(s: TensorStats | None, stat: str) -> float | None:
+    return None if s is None else s.stat(stat)
+
+
+def _stages(section: Mapping[str, TensorStats | None]) -> dict[str, TensorStats]:
+    """A section that records no None (forward, stage_grads) with its type saying so."""
+    return {name: s for name, s in section.items() if s is not None}
 
 
 def _is_float(dtype: str) -> bool:
@@ -174,13 +192,16 @@ def _relative(band: float, unit: float) -> float:
 
 
 def effective_bands(it: Iteration) -> dict[tuple[str, str], dict[str, float]]:
-    """(section, stage) -> statistic -> the pooled band that ``calibrated`` multiplies by k."""
-    relative: dict[tuple[str, str], float] = {}  # a stage's relative noise (step 1)
-    zero_bands: dict[str, list[float]] = {}
+    """(section, stage) -> statistic -> the pooled band that ``calibrated`` multiplies by k (the
+    sections are Section members, which equal their names)."""
+    relative: dict[tuple[Section, str], float] = {}  # a stage's relative noise (step 1)
+    banded: dict[tuple[Section, str], tuple[TensorStats, Mapping[str, float]]] = {}
+    zero_bands: dict[Section, list[float]] = {}
     for section in SECTIONS:
-        for name, s in getattr(it, section).items():
+        for name, s in it.section(section).items():
             if s is None or not s.band:
                 continue
+            banded[(section, name)] = s, s.band
             if not _is_float(s.dtype):
                 relative[(section, name)] = 0.0
                 continue
@@ -193,21 +214,21 @@ def effective_bands(it: Iteration) -> dict[tuple[str, str], dict[str, float]]:
         values = [v for (sec, _), v in relative.items() if sec == section]
         medians[section] = statistics.median(values) if values else 0.0
     zero_medians = {sec: statistics.median(v) for sec, v in zero_bands.items()}
-    out = {}
+    out: dict[tuple[str, str], dict[str, float]] = {}
     for (section, name), stage_relative in relative.items():
-        s = getattr(it, section)[name]
+        s, band = banded[(section, name)]
         if not _is_float(s.dtype):
-            out[(section, name)] = dict(s.band)  # token ids and counts: exact, no float noise to share
+            out[(section, name)] = dict(band)  # token ids and counts: exact, no float noise to share
             continue
         pooled = max(stage_relative, medians[section])
-        bands = {stat: max(s.band[stat], pooled * scale(stat, s)) for stat in SCALED if stat in s.band}
-        if "zero_frac" in s.band:
-            bands["zero_frac"] = max(s.band["zero_frac"], zero_medians.get(section, 0.0))
+        bands = {stat: max(band[stat], pooled * scale(stat, s)) for stat in SCALED if stat in band}
+        if "zero_frac" in band:
+            bands["zero_frac"] = max(band["zero_frac"], zero_medians.get(section, 0.0))
         out[(section, name)] = bands
     return out
 
 
-def summary(calibration: Mapping) -> str:
+def summary(calibration: JSONObject) -> str:
     """One line: what the band is made of."""
     names = [v["variant"] for v in calibration.get("variants", ())]
     line = f"band of {calibration.get('replays', len(names))} replays ({', '.join(names) or 'none'}), " \

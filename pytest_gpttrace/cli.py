@@ -7,7 +7,8 @@
     gpttrace check TRACE           anomalies with diagnoses (exit 1 when any is an error)
 
 Exit codes: 0 ok, 1 the traces differ (diff) or an anomaly is an error (check), 2 usage or input
-error (one line on stderr), 141 stdout closed early (``gpttrace diff A B | head``; nothing printed).
+error (one line on stderr), 130 interrupted (Ctrl-C; one line on stderr, no file half-written),
+141 stdout closed early (``gpttrace diff A B | head``; nothing printed).
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from .errors import GptTraceError
 
+if TYPE_CHECKING:
+    from .trace import Trace
+
 EXIT_OK, EXIT_DIFFER, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 128 + 2  # as a shell reports a command killed by SIGINT
 EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command killed by SIGPIPE
 
 
@@ -33,11 +40,25 @@ def _positive(value: str) -> int:
     return n
 
 
+SEED_LIMIT = 2**64  # torch.manual_seed takes 0 .. 2**64 - 1
+
+
+def _seed(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if not 0 <= n < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64 - 1 (the range of torch.manual_seed), "
+                                         f"got {n}")
+    return n
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def cmd_run(args) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     if args.json and args.markdown and _same_file(args.json, args.markdown):
         raise SystemExit(_usage_error(f"run: --json and --markdown are both {args.markdown}: "
                                       f"give the JSON trace and the Markdown report different files"))
@@ -52,7 +73,7 @@ def cmd_run(args) -> int:
     try:
         config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.sequence_len)
     except ValueError as exc:
-        raise SystemExit(_usage_error(f"run: {exc}"))
+        raise SystemExit(_usage_error(f"run: {exc}")) from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(_usage_error(f"run: --device {args.device}: CUDA is not available on this machine"))
     _check_device(args.device)
@@ -61,7 +82,7 @@ def cmd_run(args) -> int:
             try:
                 check_writable(getattr(args, option), f"run: --{option}")
             except OSError as exc:
-                raise SystemExit(_usage_error(exc.strerror))
+                raise SystemExit(_usage_error(exc.strerror or str(exc))) from None
     if args.threads:
         torch.set_num_threads(args.threads)
     model = GPT(config, seed=args.seed).to(args.device)
@@ -69,7 +90,7 @@ def cmd_run(args) -> int:
     opts = [] if args.no_step else optimizers(model)
     trace = trace_training(model, batches, opts, iterations=args.iterations,
                            micro_steps=args.micro_steps, stages=args.stages or None)
-    options = dict(all_iterations=args.all_iterations, generated=_now(), anomalies=_anomaly_section(trace))
+    options = {"all_iterations": args.all_iterations, "generated": _now(), "anomalies": _anomaly_section(trace)}
     if args.json:
         write_trace(args.json, trace, "json")
     if args.markdown:
@@ -91,16 +112,16 @@ def _check_device(name: str) -> None:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as exc:
-        raise SystemExit(_usage_error(f"run: --device {name}: {exc}"))
+        raise SystemExit(_usage_error(f"run: --device {name}: {exc}")) from None
     if device.type == "meta":
         raise SystemExit(_usage_error(f"run: --device {name}: meta tensors hold no values to take statistics of"))
     try:
         torch.ones(2, device=device).sum()
     except Exception as exc:  # an unbuilt backend, a missing driver: say so in one line
-        raise SystemExit(_usage_error(f"run: --device {name}: this torch cannot use it ({exc})"))
+        raise SystemExit(_usage_error(f"run: --device {name}: this torch cannot use it ({exc})")) from None
 
 
-def cmd_show(args) -> int:
+def cmd_show(args: argparse.Namespace) -> int:
     from . import markdown
     from .traceio import read_trace
 
@@ -109,7 +130,7 @@ def cmd_show(args) -> int:
     return EXIT_OK
 
 
-def cmd_convert(args) -> int:
+def cmd_convert(args: argparse.Namespace) -> int:
     from .traceio import format_for, read_trace, write_trace
 
     trace = read_trace(args.input)
@@ -118,24 +139,24 @@ def cmd_convert(args) -> int:
     return EXIT_OK
 
 
-def _anomaly_section(trace) -> str:
+def _anomaly_section(trace: Trace) -> str:
     from .anomalies import detect, render_markdown
 
     return render_markdown(detect(trace))
 
 
-def cmd_check(args) -> int:
+def cmd_check(args: argparse.Namespace) -> int:
     from .anomalies import INFO, WARNING, Thresholds, check_rules, detect, errors, parse_thresholds, render_text
     from .traceio import read_trace
 
     try:
         check_rules(args.allow or [])
     except ValueError as exc:
-        raise SystemExit(_usage_error(f"check: --allow: {exc}"))
+        raise SystemExit(_usage_error(f"check: --allow: {exc}")) from None
     try:
         thresholds = Thresholds().updated(parse_thresholds(args.threshold or []))
     except ValueError as exc:
-        raise SystemExit(_usage_error(f"check: --threshold: {exc}"))
+        raise SystemExit(_usage_error(f"check: --threshold: {exc}")) from None
     trace = read_trace(args.trace)
     found = detect(trace, thresholds, allow=args.allow or [])
     print(f"{args.trace}: {len(errors(found))} errors, "
@@ -144,7 +165,7 @@ def cmd_check(args) -> int:
     return EXIT_DIFFER if errors(found) else EXIT_OK
 
 
-def cmd_diff(args) -> int:
+def cmd_diff(args: argparse.Namespace) -> int:
     from .compare import AUTO, check_same_config, compare, get_profile, overrides_from_lines, resolve_profile
     from .report import render_comparison
     from .traceio import read_trace
@@ -154,7 +175,7 @@ def cmd_diff(args) -> int:
         if args.profile != AUTO:
             get_profile(args.profile)
     except ValueError as exc:
-        raise SystemExit(_usage_error(f"diff: {exc}"))
+        raise SystemExit(_usage_error(f"diff: {exc}")) from None
     golden, obtained = read_trace(args.golden), read_trace(args.obtained)
     config_diff = check_same_config(golden, obtained)
     if config_diff:
@@ -171,7 +192,7 @@ def cmd_diff(args) -> int:
     return EXIT_OK if result.ok else EXIT_DIFFER
 
 
-def cmd_calibrate(args) -> int:
+def cmd_calibrate(args: argparse.Namespace) -> int:
     """Record each test's golden again with a freshly measured band: pytest --gpt-trace-recalibrate."""
     import subprocess
 
@@ -195,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--micro-steps", type=_positive, default=1,
                      help="gradient-accumulation micro-steps per optimizer step (default 1)")
     run.add_argument("--no-step", action="store_true", help="never step the optimizer (as the seed trace did)")
-    run.add_argument("--seed", type=int, default=42, help="init and data seed (default 42)")
+    run.add_argument("--seed", type=_seed, default=42, help="init and data seed, 0 to 2**64 - 1 (default 42)")
     run.add_argument("--device", default="cpu", help="torch device (default cpu)")
     run.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
     run.add_argument("--stages", action="append", metavar="GLOB",
@@ -252,13 +273,16 @@ def _usage_error(message: str) -> int:
     return EXIT_USAGE
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
     try:
-        code = args.func(args)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        code: int = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the flush at exit
         return code
+    except KeyboardInterrupt:  # Ctrl-C: the writes are atomic, so no output file is left half-written
+        print("gpttrace: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except GptTraceError as exc:
         return _usage_error(str(exc))
     except BrokenPipeError:  # the reader of stdout went away: end quietly

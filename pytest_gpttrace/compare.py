@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping, Sequence
 
 from .calibrate import effective_bands, scale
-from .trace import TensorStats, Trace
+from .trace import STAGE_SECTIONS, Iteration, Section, TensorStats, Trace
 
 STATS = ("mean", "std", "min", "max", "rms", "zero_frac")
-SECTIONS = ("forward", "stage_grads", "param_grads")
-SECTION_TITLES = {"forward": "forward", "stage_grads": "stage gradient", "param_grads": "parameter gradient",
-                  "loss": "loss"}
+LOSS = "loss"  # the loss as a stage and a statistic: of tolerance lines ("loss loss atol=..."), of mismatches
+SECTIONS = STAGE_SECTIONS
+SECTION_TITLES = {section: section.label for section in Section}
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class Profile:
     def calibrated(self) -> bool:
         return self.band_k > 0
 
-    def with_overrides(self, overrides: Iterable[Override]) -> "Profile":
+    def with_overrides(self, overrides: Iterable[Override]) -> Profile:
         return replace(self, overrides=self.overrides + tuple(overrides))
 
     def override(self, stage: str, stat: str) -> Override | None:
@@ -88,7 +88,7 @@ class Profile:
         o = self.override(stage, stat)
         if o is not None:
             return o.tolerance
-        if stat == "loss":
+        if stat == LOSS:
             return self.loss
         return self.tolerances.get(stat, Tolerance())
 
@@ -131,7 +131,7 @@ STATISTICAL = Profile(
     loss=Tolerance(atol=1e-4, rtol=0.01),
     overrides=(
         Override("inputs.*", "*", None),
-        Override("loss", "shape", None),
+        Override(LOSS, "shape", None),
     ),
 )
 
@@ -187,12 +187,12 @@ def parse_override(line: str) -> Override:
     if len(parts) < 3:
         raise ValueError(f"tolerance line {line!r}: expected 'STAGE_GLOB STAT_GLOB atol=X rtol=Y' or '... skip'")
     stage, stat, *settings = parts
-    if not any(fnmatch.fnmatchcase(name, stat) for name in (*STATS, "loss")):
+    if not any(fnmatch.fnmatchcase(name, stat) for name in (*STATS, LOSS)):
         raise ValueError(f"tolerance line {line!r}: {stat!r} matches no statistic; "
                          f"the statistics are {', '.join(STATS)} (and loss for the loss)")
     if settings == ["skip"]:
         return Override(stage, stat, None)
-    values = {}
+    values: dict[str, float] = {}
     for s in settings:
         key, _, value = s.partition("=")
         if key not in ("atol", "rtol", "rms_atol") or not value:
@@ -209,13 +209,16 @@ def parse_override(line: str) -> Override:
 @dataclass(frozen=True)
 class Mismatch:
     iteration: int
-    section: str  # forward | loss | stage_grads | param_grads
+    section: Section
     stage: str
     stat: str  # a statistic, or "shape" | "dtype" | "nan" | "inf" | "zeros" | "presence"
     golden: object
     obtained: object
     allowed: float | None = None
     band: float | None = None  # the pooled calibration band behind the allowance (calibrated profile)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "section", Section(self.section))  # "forward" from a caller is Section.FORWARD
 
     @property
     def difference(self) -> float | None:
@@ -226,9 +229,9 @@ class Mismatch:
 
     @property
     def where(self) -> str:
-        if self.section == "loss":
+        if self.section == Section.LOSS:
             return f"loss, iteration {self.iteration}"
-        kind = SECTION_TITLES[self.section]
+        kind = self.section.label
         return f"{self.stage} ({kind}), iteration {self.iteration}"
 
 
@@ -238,26 +241,27 @@ class Headroom:
 
     fraction: float
     iteration: int
-    section: str
+    section: Section
     stage: str
     stat: str
 
     def describe(self) -> str:
         if self.fraction == 0:
             return "every compared statistic identical to the golden"
-        where = "loss" if self.section == "loss" else f"{self.stage} {self.stat}"
-        if self.section == "stage_grads":
+        where = "loss" if self.section == Section.LOSS else f"{self.stage} {self.stat}"
+        if self.section == Section.STAGE_GRADS:
             where = f"{self.stage} gradient {self.stat}"
-        elif self.section == "param_grads":
+        elif self.section == Section.PARAM_GRADS:
             where = f"{self.stage} grad {self.stat}"
         return f"worst {where} (iteration {self.iteration}) at {self.fraction:.2g} of allowed"
 
 
 class _Worst:
-    def __init__(self):
+    def __init__(self) -> None:
         self.value: Headroom | None = None
 
-    def see(self, difference: float, allowed: float, iteration: int, section: str, stage: str, stat: str):
+    def see(self, difference: float, allowed: float, iteration: int, section: Section, stage: str,
+            stat: str) -> None:
         if difference == 0:
             fraction = 0.0
         elif allowed > 0:
@@ -285,17 +289,17 @@ class Comparison:
         return self.mismatches[0] if self.mismatches else None
 
     @property
-    def stages_differing(self) -> list[tuple[int, str, str]]:
+    def stages_differing(self) -> list[tuple[int, Section, str]]:
         """(iteration, section, stage) of every mismatch, each once, in execution order."""
         return list(dict.fromkeys((m.iteration, m.section, m.stage) for m in self.mismatches))
 
     @property
-    def distinct_stages(self) -> list[tuple[str, str]]:
+    def distinct_stages(self) -> list[tuple[Section, str]]:
         """(section, stage) that differ in any iteration, each once: what "N stages" counts."""
         return list(dict.fromkeys((m.section, m.stage) for m in self.mismatches))
 
 
-def _close(golden, obtained, tol: Tolerance, golden_rms) -> tuple[bool, float]:
+def _close(golden: float, obtained: float, tol: Tolerance, golden_rms: float | None) -> tuple[bool, float]:
     allowed = tol.allowed(golden, golden_rms)
     if golden == obtained:
         return True, allowed
@@ -322,15 +326,16 @@ def _calibrated_allowed(profile: Profile, stat: str, g: TensorStats, band: float
     return max(floor, profile.band_k * (band or 0.0))
 
 
-def compare_stats(iteration: int, section: str, stage: str, g: TensorStats | None, o: TensorStats | None,
+def compare_stats(iteration: int, section: Section | str, stage: str, g: TensorStats | None, o: TensorStats | None,
                   profile: Profile, *, quantum: float = 0.0, partial_obtained: bool = False,
-                  bands: dict | None = None, worst: _Worst | None = None) -> list[Mismatch]:
+                  bands: Mapping[str, float] | None = None, worst: _Worst | None = None) -> list[Mismatch]:
     """Mismatches of one stage. quantum: rounding of either side (a Markdown report) added to every
     tolerance; partial_obtained: the obtained side is a report that omits some statistics; bands:
     this stage's pooled calibration bands (calibrated profile)."""
-    out = []
+    out: list[Mismatch] = []
+    section = Section(section)
 
-    def mismatch(stat, gv, ov, allowed=None, band=None):
+    def mismatch(stat: str, gv: object, ov: object, allowed: float | None = None, band: float | None = None) -> None:
         out.append(Mismatch(iteration, section, stage, stat, gv, ov, allowed, band))
 
     if g is None or o is None:
@@ -386,14 +391,14 @@ def compare(golden: Trace, obtained: Trace, profile: Profile | None = None) -> C
     for i in range(n):
         if i >= len(golden.iterations) or i >= len(obtained.iterations):
             have = "golden" if i < len(golden.iterations) else "obtained"
-            mismatches.append(Mismatch(i, "forward", "(iteration)", "presence",
+            mismatches.append(Mismatch(i, Section.FORWARD, "(iteration)", "presence",
                                        "present" if have == "golden" else "absent",
                                        "present" if have == "obtained" else "absent"))
             continue
         g_it, o_it = golden.iterations[i], obtained.iterations[i]
         bands = effective_bands(g_it) if profile.calibrated else {}
         for section in SECTIONS:
-            g_sec, o_sec = getattr(g_it, section), getattr(o_it, section)
+            g_sec, o_sec = g_it.section(section), o_it.section(section)
             if not g_sec:
                 continue  # the golden does not record this section
             if not o_sec and partial_obtained:
@@ -411,30 +416,31 @@ def compare(golden: Trace, obtained: Trace, profile: Profile | None = None) -> C
                     continue
                 if profile.tolerance(stage, "presence") is not None:
                     mismatches.append(Mismatch(i, section, stage, "presence", "missing", "present"))
-            if section == "forward":
+            if section == Section.FORWARD:
                 mismatches += _compare_loss(i, g_it, o_it.loss, profile, quantum, worst)
         if not g_it.forward:
             mismatches += _compare_loss(i, g_it, o_it.loss, profile, quantum, worst)
     return Comparison(golden, obtained, profile, tuple(mismatches), worst.value)
 
 
-def _compare_loss(i, g_it, o, profile, quantum=0.0, worst: _Worst | None = None) -> list[Mismatch]:
+def _compare_loss(i: int, g_it: Iteration, o: float | None, profile: Profile, quantum: float = 0.0,
+                  worst: _Worst | None = None) -> list[Mismatch]:
     g = g_it.loss
-    tol = profile.tolerance("loss", "loss")
+    tol = profile.tolerance(LOSS, LOSS)
     if tol is not None and quantum:
         tol = replace(tol, atol=tol.atol + quantum)
     if g is None or tol is None:
         return []
     if o is None:
-        return [Mismatch(i, "loss", "loss", "loss", g, None)]
+        return [Mismatch(i, Section.LOSS, LOSS, LOSS, g, None)]
     band = None
-    if profile.calibrated and profile.override("loss", "loss") is None and math.isfinite(g):
+    if profile.calibrated and profile.override(LOSS, LOSS) is None and math.isfinite(g):
         band = g_it.loss_band or 0.0
         tol = Tolerance(atol=max(profile.floor * abs(g), profile.band_k * band) + quantum)
     ok, allowed = _close(g, o, tol, None)
     if worst is not None and math.isfinite(g) and math.isfinite(o):
-        worst.see(abs(o - g), allowed, i, "loss", "loss", "loss")
-    return [] if ok else [Mismatch(i, "loss", "loss", "loss", g, o, allowed, band)]
+        worst.see(abs(o - g), allowed, i, Section.LOSS, LOSS, LOSS)
+    return [] if ok else [Mismatch(i, Section.LOSS, LOSS, LOSS, g, o, allowed, band)]
 
 
 def check_same_config(golden: Trace, obtained: Trace) -> list[str]:

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -57,14 +59,14 @@ EXACT_OPS = frozenset({
     aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.tril, aten.triu, aten.eq, aten.ne,
     aten.lt, aten.le, aten.gt, aten.ge, aten.isnan, aten.isinf, aten.logical_not, aten.split_with_sizes_copy,
 })
-_FUNCTIONAL: dict = {}
+_FUNCTIONAL: dict[torch._ops.OpOverload, bool] = {}
 _STATE = threading.local()
 
 
 @contextlib.contextmanager
-def undithered():
+def undithered() -> Iterator[None]:
     """Ops inside this block pass through every KernelDither untouched."""
-    depth = getattr(_STATE, "depth", 0)
+    depth = _depth()
     _STATE.depth = depth + 1
     try:
         yield
@@ -72,7 +74,13 @@ def undithered():
         _STATE.depth = depth
 
 
-def _is_functional(func) -> bool:
+def _depth() -> int:
+    """How many ``undithered`` blocks this thread is in."""
+    depth: int = getattr(_STATE, "depth", 0)
+    return depth
+
+
+def _is_functional(func: torch._ops.OpOverload) -> bool:
     """An op that returns fresh tensors: no alias of an input, nothing written in place."""
     known = _FUNCTIONAL.get(func)
     if known is None:
@@ -80,7 +88,7 @@ def _is_functional(func) -> bool:
     return known
 
 
-def _schema_is_functional(schema) -> bool:
+def _schema_is_functional(schema: torch.FunctionSchema) -> bool:
     if any(r.alias_info is not None for r in schema.returns):
         return False
     if any(a.name == "generator" for a in schema.arguments):
@@ -88,7 +96,7 @@ def _schema_is_functional(schema) -> bool:
     return not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
 
 
-def _has_float_input(args) -> bool:
+def _has_float_input(args: Sequence[object]) -> bool:
     for a in args:
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             return True
@@ -97,7 +105,8 @@ def _has_float_input(args) -> bool:
     return False
 
 
-def _upcast(value):
+def _upcast(value: Any) -> Any:
+    """16-bit tensors (also inside lists and tuples) as float32; anything else as it is."""
     if isinstance(value, torch.Tensor) and value.dtype in _SIXTEEN_BIT:
         return value.float()
     if isinstance(value, (list, tuple)):
@@ -109,7 +118,7 @@ class KernelDither(TorchDispatchMode):
     """Perturb every functional floating-point result by a random relative ulp (see the module doc)."""
 
     def __init__(self, seed: int):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # TorchDispatchMode.__init__ is unannotated in torch
         self.seed = int(seed)
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -128,10 +137,11 @@ class KernelDither(TorchDispatchMode):
         # an infinity (an additive mask's -inf) stays what it is: inf * (1 + e) is inf, not inf - inf
         return torch.where(torch.isfinite(t), t + t * ((u * 2 - 1) * unit), t)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: torch._ops.OpOverload, types: Sequence[type], args: Sequence[Any] = (),
+                           kwargs: Mapping[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not isinstance(out, torch.Tensor) or getattr(_STATE, "depth", 0) or func.overloadpacket in EXACT_OPS \
+        if not isinstance(out, torch.Tensor) or _depth() or func.overloadpacket in EXACT_OPS \
                 or not _is_functional(func) or not _has_float_input(args):
             return out
         if out.dtype in _UNIT_ROUNDOFF:

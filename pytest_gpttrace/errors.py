@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class GptTraceError(Exception):
     """Base of every error pytest-gpttrace raises on purpose."""
@@ -11,7 +13,7 @@ class TraceFormatError(GptTraceError, ValueError):
     """A trace file cannot be read (missing, not text) or its JSON is malformed: names the file,
     the JSON path (empty when none applies) and what was expected."""
 
-    def __init__(self, file, path: str, message: str):
+    def __init__(self, file: str | os.PathLike[str] | None, path: str, message: str):
         self.file, self.path, self.detail = file, path, message
         where = f"{file}: " if file else ""
         at = f"at {path}: " if path else ""
@@ -21,7 +23,7 @@ class TraceFormatError(GptTraceError, ValueError):
 class MarkdownParseError(TraceFormatError):
     """A seed-format Markdown trace is malformed: names the file and the line."""
 
-    def __init__(self, file, line: int | None, message: str):
+    def __init__(self, file: str | os.PathLike[str] | None, line: int | None, message: str):
         self.file, self.line, self.detail = file, line, message
         self.path = f"line {line}" if line is not None else ""
         where = f"{file}" if file else "<markdown>"

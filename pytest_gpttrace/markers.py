@@ -8,8 +8,9 @@ the plugin fails that test with it, prefixed by the test's node id.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TypeGuard
 
 from .anomalies import Thresholds, check_rules
 from .compare import AUTO, PROFILES, Override, parse_override
@@ -37,7 +38,7 @@ class Run:
     golden: str | None = None           # the golden file named by golden=, relative to rootdir; None: from the node id
 
 
-def parse_marker(args: Sequence, kwargs: Mapping, settings: Settings) -> Run:
+def parse_marker(args: Sequence[object], kwargs: Mapping[str, object], settings: Settings) -> Run:
     """The marker's ``args`` and ``kwargs`` (none when the test has no marker) over ``settings``."""
     unknown = set(kwargs) - set(KEYS)
     if unknown or args:
@@ -56,7 +57,7 @@ def parse_marker(args: Sequence, kwargs: Mapping, settings: Settings) -> Run:
     )
 
 
-def _golden(value) -> str | None:
+def _golden(value: object) -> str | None:
     """A golden file the test names itself (a JSON trace or a Markdown report)."""
     if value is None:
         return None
@@ -67,22 +68,22 @@ def _golden(value) -> str | None:
     return value
 
 
-def _bad(argument: str, value, what: str) -> ValueError:
+def _bad(argument: str, value: object, what: str) -> ValueError:
     return ValueError(f"@pytest.mark.{MARKER}({argument}={value!r}): {what}")
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _count(kwargs: Mapping, name: str, default: int) -> int:
+def _count(kwargs: Mapping[str, object], name: str, default: int) -> int:
     value = kwargs.get(name, default)
     if not _is_int(value) or value < 1:
         raise _bad(name, value, "expected a positive integer")
     return value
 
 
-def _seed(value) -> int:
+def _seed(value: object) -> int:
     if not _is_int(value):
         raise _bad("seed", value, "expected an integer")
     if not 0 <= value < SEED_LIMIT:
@@ -90,33 +91,35 @@ def _seed(value) -> int:
     return value
 
 
-def _lines(name: str, value) -> tuple[str, ...]:
+def _lines(name: str, value: object) -> tuple[str, ...]:
     """A string (one entry) or a list or tuple of strings."""
     if value is None:
         return ()
     if isinstance(value, str):
         return (value,)
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return tuple(value)
+    if isinstance(value, (list, tuple)):
+        lines = tuple(v for v in value if isinstance(v, str))
+        if len(lines) == len(value):
+            return lines
     raise _bad(name, value, "expected a string or a list of strings")
 
 
-def _stages(value) -> tuple[str, ...] | None:
+def _stages(value: object) -> tuple[str, ...] | None:
     patterns = _lines("stages", value)
     if any(not p.strip("+!") for p in patterns):
         raise _bad("stages", value, "an empty stage pattern")
     return patterns or None
 
 
-def _profile(value, default: str) -> str:
+def _profile(value: object, default: str) -> str:
     if value is None or value == "":
         return default
-    if value != AUTO and value not in PROFILES:
+    if not isinstance(value, str) or (value != AUTO and value not in PROFILES):
         raise _bad("profile", value, f"unknown tolerance profile: choose one of {', '.join([AUTO, *PROFILES])}")
     return value
 
 
-def _tolerances(value) -> tuple[Override, ...]:
+def _tolerances(value: object) -> tuple[Override, ...]:
     if isinstance(value, dict):
         raise _bad("tolerances", value, "expected override lines ('STAGE_GLOB STAT_GLOB atol=X rtol=Y' or "
                                         "'STAGE_GLOB STAT_GLOB skip'), a string or a list of strings, not a dict")
@@ -127,7 +130,7 @@ def _tolerances(value) -> tuple[Override, ...]:
         raise ValueError(f"@pytest.mark.{MARKER}(tolerances=...): {exc}") from None
 
 
-def _allow(value) -> tuple[str, ...]:
+def _allow(value: object) -> tuple[str, ...]:
     rules = _lines("allow", value)
     try:
         return tuple(check_rules(rules, show=repr))
@@ -135,7 +138,7 @@ def _allow(value) -> tuple[str, ...]:
         raise ValueError(f"@pytest.mark.{MARKER}: allow=: {exc}") from None
 
 
-def _thresholds(value, ini: Mapping[str, float]) -> Thresholds:
+def _thresholds(value: object, ini: Mapping[str, float]) -> Thresholds:
     value = value or {}
     if not isinstance(value, dict):
         raise ValueError(f"@pytest.mark.{MARKER}: thresholds= expects a dict of name -> number, "

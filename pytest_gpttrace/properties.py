@@ -32,7 +32,9 @@ slack, the dot-product bound 4*table_eps*|q||k| plus slack.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+import random
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -53,7 +55,7 @@ class PropertyViolation(AssertionError):
     """A RoPE or RMSNorm property does not hold."""
 
 
-def _fail(prop: str, detail: str) -> None:
+def _fail(prop: str, detail: str) -> NoReturn:
     raise PropertyViolation(f"{prop}: {detail}")
 
 
@@ -63,12 +65,13 @@ def _fail(prop: str, detail: str) -> None:
 _ELEMENT = st.floats(-10.0, 10.0, allow_nan=False, allow_infinity=False, width=32)
 
 
-def float32_arrays(shape) -> st.SearchStrategy[torch.Tensor]:
+def float32_arrays(shape: tuple[int, ...]) -> st.SearchStrategy[torch.Tensor]:
     return hnp.arrays(np.float32, shape, elements=_ELEMENT).map(torch.from_numpy)
 
 
 @st.composite
-def rope_inputs(draw, head_dims: Sequence[int] = (2, 8, 64), max_position: int = 4096):
+def rope_inputs(draw: st.DrawFn, head_dims: Sequence[int] = (2, 8, 64),
+                max_position: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """(x (B, T, H, D) float32, positions (T,) int64), small B, T, H."""
     D = draw(st.sampled_from(tuple(head_dims)))
     B, T, H = draw(st.integers(1, 2)), draw(st.integers(1, 4)), draw(st.integers(1, 2))
@@ -78,7 +81,7 @@ def rope_inputs(draw, head_dims: Sequence[int] = (2, 8, 64), max_position: int =
 
 
 @st.composite
-def norm_inputs(draw, min_rms: float = 0.2):
+def norm_inputs(draw: st.DrawFn, min_rms: float = 0.2) -> torch.Tensor:
     """(B, T, D) float32 with T >= 2 and every last-dim row of rms >= min_rms (non-degenerate)."""
     B, T, D = draw(st.integers(1, 2)), draw(st.integers(2, 4)), draw(st.integers(2, 64))
     x = draw(float32_arrays((B, T, D)))
@@ -89,8 +92,9 @@ def norm_inputs(draw, min_rms: float = 0.2):
 
 
 # --------------------------------------------------------------------------- RoPE properties
-def _head_norms(x):
-    return x.double().norm(dim=-1)
+def _head_norms(x: torch.Tensor) -> torch.Tensor:
+    norms: torch.Tensor = x.double().norm(dim=-1)  # Tensor.norm is unannotated in torch
+    return norms
 
 
 def rope_shape_dtype(rope: RopeFn, x: torch.Tensor, positions: torch.Tensor) -> None:
@@ -137,7 +141,7 @@ def rope_relative_position(
 
     q and k are single head vectors of shape (D,).
     """
-    def at(v, p):
+    def at(v: torch.Tensor, p: int) -> torch.Tensor:
         return rope(v.view(1, 1, 1, -1), torch.tensor([p], dtype=torch.int64)).view(-1).double()
 
     a = torch.dot(at(q, m), at(k, n)).item()
@@ -180,7 +184,7 @@ def rope_half_split_pairs(rope: RopeFn, head_dim: int, position: int = 1) -> Non
 
 
 # --------------------------------------------------------------------------- RMSNorm properties
-def _rms(x):
+def _rms(x: torch.Tensor) -> torch.Tensor:
     return x.double().pow(2).mean(-1).sqrt()
 
 
@@ -210,7 +214,7 @@ def rmsnorm_idempotent(norm: NormFn, x: torch.Tensor, tol: float = 1e-4) -> None
         _fail("rmsnorm is idempotent", f"max relative |norm(norm(x)) - norm(x)| = {err:.3g} > {tol:g}")
 
 
-def rmsnorm_zero_is_finite(norm: NormFn, shape=(2, 3, 8)) -> None:
+def rmsnorm_zero_is_finite(norm: NormFn, shape: tuple[int, ...] = (2, 3, 8)) -> None:
     y = norm(torch.zeros(shape))
     if not torch.isfinite(y).all():
         _fail("rmsnorm of a zero vector is finite", f"got {y.flatten()[:4].tolist()}")
@@ -233,7 +237,7 @@ def rmsnorm_permutation_equivariant(norm: NormFn, x: torch.Tensor, perm: torch.T
 
 
 # --------------------------------------------------------------------------- drivers
-def _settings(max_examples: int, shrink: bool):
+def _settings(max_examples: int, shrink: bool) -> settings:
     # deterministic: the same examples on every run and machine, no example database, no deadline
     phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
     return settings(max_examples=max_examples, derandomize=True, deadline=None, database=None, phases=phases)
@@ -262,16 +266,17 @@ def check_rope(
 
     @_settings(max_examples, shrink)
     @given(inputs)
-    def shape_dtype_and_norm(xp):
-        rope_shape_dtype(rope, *xp)
-        rope_preserves_norm(rope, *xp, table_eps=table_eps, half_split=half_split)
-        rope_position_zero_is_identity(rope, xp[0])
+    def shape_dtype_and_norm(xp: tuple[torch.Tensor, torch.Tensor]) -> None:
+        x, positions = xp
+        rope_shape_dtype(rope, x, positions)
+        rope_preserves_norm(rope, x, positions, table_eps=table_eps, half_split=half_split)
+        rope_position_zero_is_identity(rope, x)
 
     @_settings(max_examples, shrink)
     @given(st.sampled_from(head_dims).flatmap(
         lambda D: st.tuples(float32_arrays((D,)), float32_arrays((D,)),
                             st.integers(0, 2048), st.integers(0, 2048), st.integers(-1024, 1024))))
-    def relative_position(args):
+    def relative_position(args: tuple[torch.Tensor, torch.Tensor, int, int, int]) -> None:
         q, k, m, n, s = args
         s = max(s, -min(m, n))  # keep positions non-negative
         rope_relative_position(rope, q, k, m, n, s, table_eps=table_eps)
@@ -281,8 +286,9 @@ def check_rope(
     if inverse:
         @_settings(max_examples, shrink)
         @given(inputs)
-        def undoes(xp):
-            rope_inverse(rope, *xp, table_eps=table_eps)
+        def undoes(xp: tuple[torch.Tensor, torch.Tensor]) -> None:
+            x, positions = xp
+            rope_inverse(rope, x, positions, table_eps=table_eps)
         undoes()
     if half_split:
         for D in head_dims:
@@ -296,7 +302,7 @@ def check_rmsnorm(norm: NormFn, *, tol: float = 1e-4, max_examples: int = 50, sh
 
     @_settings(max_examples, shrink)
     @given(norm_inputs(), st.floats(0.5, 100.0), st.booleans(), st.randoms(use_true_random=False))
-    def properties(x, c, negative, rnd):
+    def properties(x: torch.Tensor, c: float, negative: bool, rnd: random.Random) -> None:
         rmsnorm_shape_dtype(norm, x)
         rmsnorm_unit_rms(norm, x, tol)
         rmsnorm_scale_invariant(norm, x, -c if negative else c, tol)

@@ -34,10 +34,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any
 
 from .calibrate import Replay
 
@@ -114,12 +115,12 @@ def plan_variants(device_type: str, threads: int, *, dithers: int = DEFAULT_DITH
     # the platforms this run is not on: no cap (when it is capped) and every ISA level below the CPU's
     platforms: list[tuple[str, str, dict[str, str | None]]] = []
     if own:
-        platforms.append(("native", "every kernel cap removed", {k: None for k in CAP_VARIABLES}))
+        platforms.append(("native", "every kernel cap removed", dict.fromkeys(CAP_VARIABLES)))
     for level in cpu_levels(cpu_flags() if flags is None else flags):
         cap = CAPS[level]
         if {k: v for k, v in own.items() if k in cap} == cap:
             continue  # the recording run is capped there already
-        platforms.append((f"cap-{level}", f"kernels capped at {level}", {**{k: None for k in CAP_VARIABLES}, **cap}))
+        platforms.append((f"cap-{level}", f"kernels capped at {level}", {**dict.fromkeys(CAP_VARIABLES), **cap}))
     # each platform at both thread counts: a reduction's order depends on the ISA and the split
     # together, so a kernel level measured at one thread count does not bound it at the other
     variants = [Variant(name, text, env=env, threads=threads) for name, text, env in platforms]
@@ -147,7 +148,7 @@ def command(session: Session) -> list[str]:
     return args + list(session.extra_args)
 
 
-def _environment(variant: Variant, spec: dict, cache_root: Path) -> dict[str, str]:
+def _environment(variant: Variant, spec: Mapping[str, object], cache_root: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _PARENT_ONLY}
     for key, value in variant.env.items():
         if value is None:
@@ -197,14 +198,13 @@ def run_replays(session: Session, variants: Sequence[Variant], *, parallel: int 
     """
     parallel = parallel or max(1, min(len(variants), os.cpu_count() or 1))
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gpttrace-replay-") as tmp:
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
-            replays = list(pool.map(lambda v: run_one(session, v, Path(tmp), timeout), variants))
+    with tempfile.TemporaryDirectory(prefix="gpttrace-replay-") as tmp, ThreadPoolExecutor(max_workers=parallel) as pool:
+        replays = list(pool.map(lambda v: run_one(session, v, Path(tmp), timeout), variants))
     return replays, time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------- inside a replay
-def replay_spec(environ: Mapping[str, str] | None = None) -> dict | None:
+def replay_spec(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     """The replay this process is (from GPTTRACE_REPLAY), or None in an ordinary run."""
     raw = (os.environ if environ is None else environ).get(REPLAY_ENV)
     if not raw:
@@ -216,7 +216,7 @@ def replay_spec(environ: Mapping[str, str] | None = None) -> dict | None:
 
 
 @contextlib.contextmanager
-def variant_applied(spec: Mapping):
+def variant_applied(spec: Mapping[str, Any]) -> Iterator[None]:
     """Apply a replay's in-process settings (threads, dither, CUDA flags) around the traced run."""
     import torch
 

@@ -7,9 +7,10 @@ Plain Python (no pytest): ``read_settings`` gets the option and ini readers and 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any
 
 from .anomalies import check_rules, parse_thresholds
 from .compare import AUTO, PROFILES, Override, overrides_from_lines
@@ -33,7 +34,7 @@ class Settings:
     iterations: int                     # ini gpt_trace_iterations: the marker's default
     calibration: bool
     dithers: int
-    replay: Mapping | None              # this session is a calibration replay: its spec
+    replay: Mapping[str, Any] | None    # this session is a calibration replay: its spec (JSON)
     allow: tuple[str, ...]              # ini gpt_trace_allow
     thresholds: Mapping[str, float]     # ini gpt_trace_thresholds
 
@@ -58,15 +59,15 @@ def read_settings(option: Callable[[str], object], ini: Callable[[str], object],
         raise ValueError(f"--gpt-trace-profile / gpt_trace_profile: unknown profile {profile!r}; "
                          f"choose one of {', '.join([AUTO, *PROFILES])}")
     try:
-        tolerances = tuple(overrides_from_lines(ini("gpt_trace_tolerances")))
+        tolerances = tuple(overrides_from_lines(_lines(ini, "gpt_trace_tolerances")))
     except ValueError as exc:
         raise ValueError(f"ini gpt_trace_tolerances: {exc}") from None
     try:
-        allow = tuple(check_rules(ini("gpt_trace_allow")))
+        allow = tuple(check_rules(_lines(ini, "gpt_trace_allow")))
     except ValueError as exc:
         raise ValueError(f"ini gpt_trace_allow: {exc}") from None
     try:
-        thresholds = parse_thresholds(ini("gpt_trace_thresholds"))
+        thresholds = parse_thresholds(_lines(ini, "gpt_trace_thresholds"))
     except ValueError as exc:
         raise ValueError(f"ini gpt_trace_thresholds: {exc}") from None
     return Settings(
@@ -88,10 +89,20 @@ def read_settings(option: Callable[[str], object], ini: Callable[[str], object],
     )
 
 
-def _ini_int(ini, name: str, minimum: int) -> int:
+def _lines(ini: Callable[[str], object], name: str) -> list[str]:
+    """A linelist ini value (pytest gives a list of strings)."""
+    raw = ini(name)
+    if isinstance(raw, str):
+        return raw.splitlines()
+    if not isinstance(raw, Iterable):
+        raise ValueError(f"ini {name}: expected lines, got {raw!r}")
+    return [str(line) for line in raw]
+
+
+def _ini_int(ini: Callable[[str], object], name: str, minimum: int) -> int:
     raw = ini(name)
     try:
-        value = int(raw)
+        value = int(raw) if isinstance(raw, (str, int)) else minimum - 1
     except ValueError:
         value = minimum - 1
     if value < minimum:

@@ -8,20 +8,22 @@ content changes, so an unchanged golden keeps its mtime and makes no churn in gi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from .errors import GptTraceError, TraceFormatError
-from .trace import Trace, dumps, loads, read_text
+from .trace import PathLike, Trace, dumps, loads, read_text
 
 MARKDOWN_SUFFIXES = (".md", ".markdown", ".txt")
 
 
-def read_trace(path) -> Trace:
+def read_trace(path: PathLike) -> Trace:
     """The trace file at path, JSON or a seed-format Markdown report, told apart by content.
 
     A file whose first non-blank character is ``{`` (or ``[``, to say a JSON list is no trace)
@@ -40,11 +42,11 @@ def read_trace(path) -> Trace:
     return parse(text, file=path)
 
 
-def format_for(path) -> str:
+def format_for(path: PathLike) -> str:
     return "markdown" if Path(path).suffix.lower() in MARKDOWN_SUFFIXES else "json"
 
 
-def render_trace(trace: Trace, fmt: str, **markdown_options) -> str:
+def render_trace(trace: Trace, fmt: str, **markdown_options: Any) -> str:
     if fmt != "markdown":
         return dumps(trace)
     from . import markdown
@@ -71,7 +73,7 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~_UMASK
 
 
-def check_writable(path, what: str) -> None:
+def check_writable(path: PathLike, what: str) -> None:
     """Fail early (before a long run) when a trace cannot be written to path."""
     path = Path(path)
     if path.is_dir():
@@ -112,10 +114,10 @@ def _file_in_the_way(path: Path) -> Path | None:
     return None
 
 
-def sweep_stale_temps(folder, now: float | None = None, age: float = STALE_TEMP_SECONDS) -> list[Path]:
+def sweep_stale_temps(folder: PathLike, now: float | None = None, age: float = STALE_TEMP_SECONDS) -> list[Path]:
     """Remove ``.NAME.*.tmp`` files older than ``age`` seconds that a killed writer left; returns them."""
     now = time.time() if now is None else now
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -150,7 +152,7 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path, text: str) -> bool:
+def write_text_atomic(path: PathLike, text: str) -> bool:
     """Write text to path atomically and durably; returns False (and leaves the file alone) when unchanged.
 
     The text goes to a temporary file in the same folder, which is synced to disk and renamed over
@@ -184,13 +186,11 @@ def write_text_atomic(path, text: str) -> bool:
         raise _write_error(path, exc) from None
     finally:
         if tmp is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
     return True
 
 
-def write_trace(path, trace: Trace, fmt: str | None = None, **markdown_options) -> bool:
+def write_trace(path: PathLike, trace: Trace, fmt: str | None = None, **markdown_options: Any) -> bool:
     """Write a trace (format from the suffix unless given); False when the file was already identical."""
     return write_text_atomic(path, render_trace(trace, fmt or format_for(path), **markdown_options))

@@ -1,10 +1,10 @@
 import json
-import math
 import os
-import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,11 @@ from pytest_gpttrace.cli import main
 from pytest_gpttrace.trace import load
 
 SEED = Path(__file__).parent / "data" / "seed_trace.md"
+
+
+def known(value: float | None) -> float:
+    assert value is not None
+    return value
 
 
 def first_iteration_blocks(md: str) -> list[str]:
@@ -58,7 +63,7 @@ def test_run_prints_markdown_to_stdout_and_the_loss_decreases():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("# GPT Component Debug Trace")
     assert "ITERATION 3/3" in proc.stdout and "MODEL SCALING ANALYSIS" in proc.stdout
-    losses = [it.loss for it in markdown.parse(proc.stdout).iterations]
+    losses = [known(it.loss) for it in markdown.parse(proc.stdout).iterations]
     assert losses[0] > losses[1] > losses[2]
 
 
@@ -66,7 +71,7 @@ def test_the_shipped_seed_config_golden_trains():
     """The three-iteration run at the seed config (kept as the shipped golden): steps lower the loss."""
     trace = load(Path(__file__).parent.parent / "golden/tests/test_traces/test_reference_model_at_the_seed_config.json")
     assert [it.stepped for it in trace.iterations] == [True, True, True]
-    losses = [it.loss for it in trace.iterations]
+    losses = [known(it.loss) for it in trace.iterations]
     assert f"{losses[0]:.6f}" == "11.090358" and losses[0] > losses[1] > losses[2]
 
 
@@ -215,3 +220,138 @@ def test_an_empty_trace_file_names_neither_format_wrongly(tmp_path, capsys):
     path.write_text("\n")
     assert main(["show", str(path)]) == 2
     assert capsys.readouterr().err == f"gpttrace: error: {path}: the file is empty: expected a JSON trace or a Markdown report\n"
+
+
+# ------------------------------------------------------------------ inputs that must not give a traceback
+def gpttrace(*argv, cwd, timeout=120):
+    return subprocess.run([sys.executable, "-m", "pytest_gpttrace.cli", *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+def assert_one_line_error(proc, *names):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith("gpttrace: error: "), proc.stderr
+    for name in names:
+        assert str(name) in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def good_json(tmp_path_factory):
+    path = tmp_path_factory.mktemp("good") / "good.json"
+    assert main(["convert", str(SEED), str(path)]) == 0
+    return path
+
+
+@pytest.mark.parametrize("text", ["[" * 100000 + "]" * 100000, '{"a": ' * 100000 + "1" + "}" * 100000],
+                         ids=["list", "object"])
+@pytest.mark.parametrize("command", ["diff", "check"])
+def test_a_deeply_nested_json_file_is_one_line_naming_it(text, command, good_json, tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text(text)
+    argv = [command, deep, good_json] if command == "diff" else [command, deep]
+    proc = gpttrace(*argv, cwd=tmp_path)
+    assert_one_line_error(proc, deep, "nested too deeply")
+
+
+def _edit(doc, how):
+    doc = json.loads(json.dumps(doc))
+    how(doc)
+    return json.dumps(doc)
+
+
+def _first_stats(doc):
+    return next(iter(doc["iterations"][0]["forward"].values()))
+
+
+BAD_INPUTS = {
+    # name: (what to write, the command, words of the error)
+    "folder": (None, "diff", "is a directory"),
+    "latin1": (b"\xff\xfe{\x00}", "check", "not a text file"),
+    "empty": ("", "show", "the file is empty"),
+    "huge-integer": ('{"format": ' + "9" * 5000 + "}", "diff", "not a JSON trace"),
+    "overflowing-statistic": (lambda doc: _edit(doc, lambda d: _first_stats(d).update(mean=10**400)), "check",
+                              "an integer too large for a float"),
+    "lone-surrogate": (lambda doc: _edit(doc, lambda d: d.update(model="\ud800")), "show",
+                       "at $.model: a string holds a lone UTF-16 surrogate"),
+    "deep-config": (lambda doc: _edit(doc, lambda d: d["config"].update(x=json.loads("[" * 900 + "]" * 900))),
+                    "convert", "at $.config: nested deeper than 64 levels"),
+    "long-number-report": (lambda doc: SEED.read_text().replace("ITERATION 1/3", "ITERATION " + "9" * 5000 + "/3", 1),
+                           "show", "a number of 5000 digits"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_a_bad_input_file_is_one_line_naming_it_never_a_traceback(case, good_json, tmp_path):
+    content, command, words = BAD_INPUTS[case]
+    path = tmp_path / f"{case}.json"
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        text = content(json.loads(good_json.read_text())) if callable(content) else content
+        path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    argv = {"diff": ["diff", good_json, path], "check": ["check", path], "show": ["show", path],
+            "convert": ["convert", path, tmp_path / "out.json"]}[command]
+    proc = gpttrace(*argv, cwd=tmp_path)
+    assert_one_line_error(proc, path.name, words)
+    assert proc.stdout == "" and not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("seed", ["18446744073709551616", "-1", "x"])
+def test_run_refuses_a_seed_torch_cannot_take(seed, tmp_path):
+    proc = gpttrace("run", "--depth", "1", "--sequence-len", "8", "--vocab-size", "64", "--iterations", "1",
+                    "--seed", seed, "--json", "t.json", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1].startswith("gpttrace run: error: argument --seed: expected an integer")
+    assert not (tmp_path / "t.json").exists()
+
+
+def _torch_loaded(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists() or not hasattr(os, "killpg"),
+                    reason="needs /proc and process groups to see when the run is under way")
+def test_ctrl_c_during_run_exits_130_with_one_line_and_no_file(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest_gpttrace.cli", "run", "--depth", "1", "--sequence-len", "64",
+         "--vocab-size", "512", "--iterations", "100000", "--json", str(out / "t.json"), "--markdown", str(out / "t.md")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not _torch_loaded(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # into the run itself
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground group
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr == "gpttrace: interrupted\n" and stdout == ""
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_ctrl_c_while_writing_leaves_no_file_and_no_temp_file(tmp_path, monkeypatch, capsys):
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    target = tmp_path / "seed.json"
+    try:
+        code = main(["convert", str(SEED), str(target)])
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped main() as a traceback")
+    assert code == 130
+    assert capsys.readouterr().err == "gpttrace: interrupted\n"
+    assert list(tmp_path.iterdir()) == []

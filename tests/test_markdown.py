@@ -26,7 +26,7 @@ def reference_stage_names(n_layer: int) -> list[str]:
     names = ["inputs.idx", "inputs.targets", "embed.wte", "embed.norm", "rope.cos", "rope.sin"]
     for i in range(n_layer):
         names += [f"blocks.{i}.{s}" for s in BLOCK_STAGES]
-    return names + ["final_norm", "lm_head.logits", "lm_head.softcap", "loss"]
+    return [*names, "final_norm", "lm_head.logits", "lm_head.softcap", "loss"]
 
 
 def stats(shape=(2, 3), mean=0.5, std=1.25, lo=-2.0, hi=3.0, rms=1.5, zero_frac=0.0, nan=0, inf=0,
@@ -57,7 +57,7 @@ def stage_shape(name: str, c=CONFIG) -> tuple[int, ...]:
 
 def reference_parameters(c=CONFIG) -> dict[str, tuple[int, ...]]:
     d, V, kv = c["n_embd"], c["vocab_size"], c["n_kv_head"] * (c["n_embd"] // c["n_head"])
-    params = {"wte.weight": (V, d)}
+    params: dict[str, tuple[int, ...]] = {"wte.weight": (V, d)}
     for i in range(c["n_layer"]):
         params.update({f"blocks.{i}.attn.c_q.weight": (d, d), f"blocks.{i}.attn.c_k.weight": (kv, d),
                        f"blocks.{i}.attn.c_v.weight": (kv, d), f"blocks.{i}.attn.c_proj.weight": (d, d),
@@ -67,7 +67,7 @@ def reference_parameters(c=CONFIG) -> dict[str, tuple[int, ...]]:
 
 
 def reference_iteration(index: int, names=None, stepped=True) -> Iteration:
-    names = reference_stage_names(CONFIG["n_layer"]) if names is None else names
+    names = reference_stage_names(int(CONFIG["n_layer"])) if names is None else names
     forward = {}
     for k, name in enumerate(names):
         shape = stage_shape(name)
@@ -82,8 +82,9 @@ def reference_iteration(index: int, names=None, stepped=True) -> Iteration:
             forward[name] = stats(shape, mean=0.001 * k - 0.01, std=1.0 + 0.001 * k, lo=-4.0 - k, hi=4.0 + k)
     grads = {name: stats(s.shape, mean=-1e-9, std=0.0123, lo=None, hi=None, rms=0.0125, zero_frac=0.25)
              for name, s in reversed(forward.items())}
-    params = {name: stats(shape, mean=-1e-9, std=0.00015, lo=-0.0287, hi=0.0345, rms=0.00016, zero_frac=0.0)
-              for name, shape in reference_parameters().items()}
+    params: dict[str, TensorStats | None] = {
+        name: stats(shape, mean=-1e-9, std=0.00015, lo=-0.0287, hi=0.0345, rms=0.00016, zero_frac=0.0)
+        for name, shape in reference_parameters().items()}
     params["blocks.0.attn.c_q.weight"] = None
     return Iteration(index=index, loss=3.4657 + index, stepped=stepped, lr={"AdamW[0]": 0.004},
                      forward=forward, stage_grads=grads, param_grads=params)
@@ -115,7 +116,7 @@ def printed(s: TensorStats | None, where: str = "block") -> dict[str, str]:
 
 def assert_preserved(original: Trace, parsed: Trace, iterations=None):
     """Every statistic the original prints reads back to the same printed text."""
-    for a, b in zip(original.iterations[:iterations], parsed.iterations[:iterations]):
+    for a, b in zip(original.iterations[:iterations], parsed.iterations[:iterations], strict=True):
         assert (a.index, a.stepped, markdown.fmt(a.loss)) == (b.index, b.stepped, markdown.fmt(b.loss))
         for kind in ("forward", "stage_grads", "param_grads"):
             mine, theirs = getattr(a, kind), getattr(b, kind)
@@ -127,7 +128,7 @@ def assert_preserved(original: Trace, parsed: Trace, iterations=None):
 
 
 def bullet_values(md: str, labels=SEED_BULLETS) -> list[str]:
-    pattern = re.compile(r"^- \*\*(%s)\*\*: <span[^>]*>(.*)</span>$" % "|".join(labels), re.M)
+    pattern = re.compile(rf"^- \*\*({'|'.join(labels)})\*\*: <span[^>]*>(.*)</span>$", re.M)
     return [f"{m.group(1)}={m.group(2)}" for m in pattern.finditer(md)]
 
 
@@ -210,7 +211,7 @@ def test_seed_rerender_keeps_every_line_in_order(seed_text, seed):
 def test_seed_json_markdown_round_trip_is_exact(seed):
     via_json = loads(dumps(seed))
     again = markdown.parse(markdown.render(via_json, all_iterations=True))
-    for a, b in zip(via_json.iterations, again.iterations):
+    for a, b in zip(via_json.iterations, again.iterations, strict=True):
         assert a.forward == b.forward and a.param_grads == b.param_grads and a.loss == b.loss
 
 
@@ -287,7 +288,7 @@ def test_nan_statistics_without_counts_mean_at_least_one_nan():
     md = md.replace("- **Max**: <span style=\"color: #5faf00\">3.000000</span>",
                     "- **Max**: <span style=\"color: #5faf00\">inf</span>")
     x = markdown.parse(md).iterations[0].forward["x"]
-    assert math.isnan(x.mean) and (x.nan, x.inf) == (1, 1)
+    assert x.mean is not None and math.isnan(x.mean) and (x.nan, x.inf) == (1, 1)
 
 
 def user_trace() -> Trace:
@@ -336,8 +337,8 @@ def test_anomalies_section_is_rendered_and_skipped_by_the_parser():
 def test_load_reads_a_file_and_names_it_in_errors(tmp_path):
     path = tmp_path / "t.md"
     path.write_text(markdown.render(user_trace(), generated="t"), encoding="utf-8")
-    assert list(markdown.load(path).iterations[0].forward)[0] == "tok_emb"
-    with pytest.raises(TraceFormatError, match="missing.md: no such file"):  # the one error of every reader
+    assert next(iter(markdown.load(path).iterations[0].forward)) == "tok_emb"
+    with pytest.raises(TraceFormatError, match=r"missing\.md: no such file"):  # the one error of every reader
         markdown.load(tmp_path / "missing.md")
 
 
@@ -357,24 +358,24 @@ def first_heading_line(text: str) -> int:
 
 
 MALFORMED = {
-    "not a number": (lambda l: "**Mean**" in l, '- **Mean**: <span style="color: #5faf00">abc</span>', 0,
+    "not a number": (lambda s: "**Mean**" in s, '- **Mean**: <span style="color: #5faf00">abc</span>', 0,
                      "Mean: expected a number"),
-    "missing value": (lambda l: "**Std**" in l, "- **Std**: ", 0, "Std: missing value"),
-    "empty span": (lambda l: "**Max**" in l, '- **Max**: <span style="color: #5faf00"></span>', 0,
+    "missing value": (lambda s: "**Std**" in s, "- **Std**: ", 0, "Std: missing value"),
+    "empty span": (lambda s: "**Max**" in s, '- **Max**: <span style="color: #5faf00"></span>', 0,
                    "Max: missing value"),
-    "bad shape": (lambda l: "**Shape**" in l, '- **Shape**: <span style="color: #5faf00">`(1, x)`</span>', 0,
+    "bad shape": (lambda s: "**Shape**" in s, '- **Shape**: <span style="color: #5faf00">`(1, x)`</span>', 0,
                   "Shape: expected a shape"),
-    "unknown bullet": (lambda l: "**Min**" in l, '- **Median**: <span style="color: #5faf00">1.0</span>', 0,
+    "unknown bullet": (lambda s: "**Min**" in s, '- **Median**: <span style="color: #5faf00">1.0</span>', 0,
                        "unknown statistic 'Median'"),
-    "missing bullet": (lambda l: "**Std**" in l, None, "heading", "lacks the Std bullet"),
-    "unknown title": (lambda l: "Target tokens" in l, "#### <span style=\"color: #5fafff\">Targets</span>", 0,
+    "missing bullet": (lambda s: "**Std**" in s, None, "heading", "lacks the Std bullet"),
+    "unknown title": (lambda s: "Target tokens" in s, "#### <span style=\"color: #5fafff\">Targets</span>", 0,
                       "unknown stat block 'Targets'"),
-    "bad loss": (lambda l: "Iteration 2 complete" in l,
+    "bad loss": (lambda s: "Iteration 2 complete" in s,
                  '<span style="color: #5faf00">✓ Iteration 2 complete - Loss: lots</span>', 0,
                  "Loss: expected a number"),
-    "wrong iteration": (lambda l: "ITERATION 2/3" in l, '<strong><span style="color: #d70000">ITERATION 5/3</span>',
+    "wrong iteration": (lambda s: "ITERATION 2/3" in s, '<strong><span style="color: #d70000">ITERATION 5/3</span>',
                         0, "expected iteration 2"),
-    "unknown section": (lambda l: "LANGUAGE MODELING HEAD" in l, '## <span style="color: #af87ff">7. MYSTERY</span>',
+    "unknown section": (lambda s: "LANGUAGE MODELING HEAD" in s, '## <span style="color: #af87ff">7. MYSTERY</span>',
                         0, "unknown section '7. MYSTERY'"),
 }
 
@@ -411,7 +412,7 @@ def test_malformed_documents(text, line, message):
 
 def test_broken_gradient_table_row_names_the_line():
     md = markdown.render(reference_trace(1), generated="t")
-    text, line = replace_line(md, lambda l: l.startswith("| loss |"), "| loss | `()` | torch.float32 | 1.0 |")
+    text, line = replace_line(md, lambda s: s.startswith("| loss |"), "| loss | `()` | torch.float32 | 1.0 |")
     with pytest.raises(MarkdownParseError) as info:
         markdown.parse(text)
     assert info.value.line == line and "expected 8 cells, got 4" in str(info.value)
@@ -476,7 +477,8 @@ def test_the_lexer_yields_frozen_records_with_line_numbers(seed_text):
     for r in records:
         assert dataclasses.is_dataclass(r) and r.line >= 1
         with pytest.raises(dataclasses.FrozenInstanceError):
-            r.line = 0
+            field = "line"  # the frozen field, set as a caller would
+            setattr(r, field, 0)
     first = blocks[0]
     assert lines[first.line - 1].startswith("#### ") and first.title in lines[first.line - 1]
     assert [lines[b.line - 1] for b in first.bullets] == [b.text for b in first.bullets]
@@ -520,7 +522,7 @@ def test_every_reader_raises_one_error_for_a_missing_file(tmp_path):
     from pytest_gpttrace.traceio import read_trace
 
     for read in (read_trace, load, markdown.load):
-        with pytest.raises(TraceFormatError, match="nope.md: no such file") as info:
+        with pytest.raises(TraceFormatError, match=r"nope\.md: no such file") as info:
             read(tmp_path / "nope.md")
         assert type(info.value) is TraceFormatError
 
@@ -528,7 +530,7 @@ def test_every_reader_raises_one_error_for_a_missing_file(tmp_path):
 def test_a_malformed_report_is_a_trace_format_error_naming_the_line(tmp_path, seed_text):
     from pytest_gpttrace.traceio import read_trace
 
-    text, line = replace_line(seed_text, lambda l: "**Mean**" in l, '- **Mean**: <span style="color: #5faf00">abc</span>')
+    text, line = replace_line(seed_text, lambda s: "**Mean**" in s, '- **Mean**: <span style="color: #5faf00">abc</span>')
     path = tmp_path / "t.md"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(TraceFormatError) as info:
@@ -551,9 +553,11 @@ def test_the_golden_check_reads_a_markdown_golden(tmp_path):
     path.write_text(markdown.render(trace, all_iterations=True, generated="t"), encoding="utf-8")
     assert golden == trace and golden.error is None
     it = trace.iterations[0]
-    bumped = replace(it, forward={**it.forward, "loss": replace_stats(it.forward["loss"], mean=it.forward["loss"].mean + 1)})
+    loss = it.forward["loss"]
+    assert loss.mean is not None
+    bumped = replace(it, forward={**it.forward, "loss": replace_stats(loss, mean=loss.mean + 1)})
     other = golden_for(tmp_path)
-    assert not (other == replace(trace, iterations=(bumped, *trace.iterations[1:])))
+    assert not (other == replace(trace, iterations=(bumped, *trace.iterations[1:])))  # noqa: SIM201  the == a test writes
     assert any("loss" in line for line in other.failure)
 
 
@@ -563,7 +567,7 @@ def test_a_malformed_markdown_golden_names_its_line(tmp_path, seed_text):
     path = golden.path_for(trace)
     path.parent.mkdir(parents=True)
     md = markdown.render(trace, generated="t")
-    text, line = replace_line(md, lambda l: "**Std**" in l, "- **Std**: ")
+    text, line = replace_line(md, lambda s: "**Std**" in s, "- **Std**: ")
     path.write_text(text, encoding="utf-8")
-    assert not (golden == trace)
+    assert not (golden == trace)  # noqa: SIM201  the == a test writes
     assert golden.failure[0].endswith(f"at line {line}: Std: missing value")

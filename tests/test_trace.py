@@ -7,6 +7,7 @@ from pytest_gpttrace.errors import TraceFormatError
 from pytest_gpttrace.trace import FORMAT_VERSION, Iteration, TensorStats, Trace, dumps, load, loads
 from tests.strategies import traces
 
+
 def same(a, b):
     """Equality where NaN equals NaN (bit-for-bit round trip)."""
     return dumps(a) == dumps(b)
@@ -17,7 +18,7 @@ def test_json_round_trip_is_bit_exact(trace):
     text = dumps(trace)
     back = loads(text)
     assert same(back, trace)
-    for it_a, it_b in zip(back.iterations, trace.iterations):
+    for it_a, it_b in zip(back.iterations, trace.iterations, strict=True):
         for name, s in it_b.forward.items():
             for k in ("mean", "std", "min", "max", "rms", "zero_frac"):
                 a, b = getattr(it_a.forward[name], k), getattr(s, k)
@@ -29,8 +30,8 @@ def test_one_stage_per_line_and_stable_key_order():
     trace = Trace({"b": 1, "a": 2}, {}, (Iteration(0, 1.5, True, {}, {"x": s, "y": s}, {}, {"w": None}),))
     text = dumps(trace)
     lines = text.splitlines()
-    assert sum('"x": {"shape": [2], "dtype": "torch.float32", "device": "cpu", "numel": 2, "mean": 0.1' in l for l in lines) == 1
-    assert any(l.strip() == '"w": null' for l in lines)
+    assert sum('"x": {"shape": [2], "dtype": "torch.float32", "device": "cpu", "numel": 2, "mean": 0.1' in line for line in lines) == 1
+    assert any(line.strip() == '"w": null' for line in lines)
     assert text.index('"format"') < text.index('"config"') < text.index('"iterations"')
     assert dumps(loads(text)) == text
 
@@ -71,7 +72,7 @@ def test_malformed_files_name_the_file_the_path_and_what_was_expected(tmp_path, 
 
 
 def test_a_missing_file_is_named(tmp_path):
-    with pytest.raises(TraceFormatError, match="nope.json: no such file"):
+    with pytest.raises(TraceFormatError, match=r"nope\.json: no such file"):
         load(tmp_path / "nope.json")
 
 

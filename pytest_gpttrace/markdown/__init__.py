@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..trace import Trace
+from ..trace import PathLike, Trace
 from .layout import HALF_ULP, LAYOUT, TITLE, fmt
 from .parse import PROVENANCE, parse
 from .render import render, stat_block, uses_layout
@@ -38,7 +38,7 @@ __all__ = ["HALF_ULP", "LAYOUT", "PROVENANCE", "TITLE", "fmt", "load", "parse", 
            "uses_layout"]
 
 
-def load(path) -> Trace:
+def load(path: PathLike) -> Trace:
     """The report at path (read as ``traceio.read_trace`` reads any trace file)."""
     from ..traceio import read_trace
 

@@ -8,12 +8,26 @@ consistent with all of them.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 from ..trace import TensorStats
 from .layout import HALF_ULP
 
+Candidate = tuple[float | None, float]  # a printed value and the half-width of its rounding
 
-def reconcile(candidates) -> float | None:
+
+class Counts(NamedTuple):
+    """A printed Non-finite value: NaN n, Inf m."""
+
+    nan: int
+    inf: int
+
+
+Value = float | Counts | None  # a printed statistic, or the non-finite counts
+
+
+def reconcile(candidates: Iterable[Candidate]) -> float | None:
     """One value consistent with every printed candidate (value, half-width); the most precise wins."""
     cands = [(v, h) for v, h in candidates if v is not None]
     if not cands:
@@ -32,18 +46,25 @@ def reconcile(candidates) -> float | None:
 class Stats:
     """A TensorStats being assembled from a stat block, table rows and sparsity lines."""
 
-    def __init__(self, shape, dtype: str, device: str):
-        self.shape, self.dtype, self.device = tuple(shape), dtype, device
+    def __init__(self, shape: Sequence[int], dtype: str, device: str):
+        self.shape: tuple[int, ...] = tuple(shape)
+        self.dtype, self.device = dtype, device
         self.values: dict[str, float | None] = {}
-        self.rms: list = []
-        self.zero: list = []
-        self.nonfinite: tuple[int, int] | None = None
+        self.rms: list[Candidate] = []
+        self.zero: list[Candidate] = []
+        self.nonfinite: Counts | None = None
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def set(self, field: str, value):
+    def set(self, field: str, value: Value) -> None:
+        if field == "nonfinite":
+            if isinstance(value, Counts):
+                self.nonfinite = self.nonfinite or value
+            return
+        if isinstance(value, Counts):
+            raise TypeError(f"{field}: non-finite counts are no statistic")
         if field == "rms":
             self.rms.append((value, HALF_ULP))
         elif field == "zero_frac":
@@ -52,12 +73,10 @@ class Stats:
             if value is not None and self.numel:
                 root = math.sqrt(self.numel)
                 self.rms.append((value / root, HALF_ULP / root))
-        elif field == "nonfinite":
-            self.nonfinite = self.nonfinite or value
         elif self.values.get(field) is None:
             self.values[field] = value
 
-    def zero_count(self, zeros: int):
+    def zero_count(self, zeros: int) -> None:
         if self.numel:
             self.zero.append((zeros / self.numel, 0.5 / self.numel))
 
@@ -79,7 +98,7 @@ class Stats:
                            nan=nan, inf=inf)
 
 
-def _zero_frac_from_range(lo, hi, numel) -> float | None:
+def _zero_frac_from_range(lo: float | None, hi: float | None, numel: int) -> float | None:
     if lo is None or hi is None or numel == 0 or math.isnan(lo) or math.isnan(hi):
         return None
     if lo > 0 or hi < 0 or (hi == 0 and math.copysign(1.0, hi) < 0):
@@ -90,6 +109,8 @@ def _zero_frac_from_range(lo, hi, numel) -> float | None:
 
 
 class IterationDraft:
+    """An iteration being assembled: its position in the report, what its lines said so far."""
+
     def __init__(self, pos: int):
         self.pos = pos
         self.index: int | None = None

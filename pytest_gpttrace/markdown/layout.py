@@ -39,6 +39,9 @@ class Line:
     text: str
 
 
+LineItem = Line | str  # an item of a line list: a Line, or "" for a blank line
+
+
 def B(text: str) -> Line:
     return Line(INFO, text)
 
@@ -54,8 +57,8 @@ class Entry:
     title: str
     stage: str
     note: str | None = None
-    before: tuple = ()
-    after: tuple = ()
+    before: tuple[LineItem, ...] = ()
+    after: tuple[LineItem, ...] = ()
     transposed: bool = False  # shown with dims 1 and 2 swapped, (B, T, H, D) -> (B, H, T, D)
 
 
@@ -63,8 +66,8 @@ class Entry:
 class Section:
     title: str
     entries: tuple[Entry, ...]
-    intro: tuple = ()
-    outro: tuple = ()
+    intro: tuple[LineItem, ...] = ()
+    outro: tuple[LineItem, ...] = ()
     per_block: bool = False  # entries repeat for every block i
     always: bool = False  # rendered even when none of its stages is present
 
@@ -257,14 +260,14 @@ HALF_ULP = 5e-7  # half a unit in the last printed place of %.6f: what a report'
 
 def fmt(x: float | None) -> str:
     """A statistic as the seed prints it: %.6f (nan, inf, -0.000000), n/a when unknown."""
-    return "n/a" if x is None else "%.6f" % x
+    return "n/a" if x is None else f"{x:.6f}"
 
 
-def as_int(value) -> int | None:
+def as_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def stage_pattern(template: str) -> re.Pattern:
+def stage_pattern(template: str) -> re.Pattern[str]:
     parts = re.split(r"\{(\w+)\}", template)
     regex = "".join(re.escape(p) if k % 2 == 0 else rf"(?P<{p}>\d+)" for k, p in enumerate(parts))
     return re.compile(regex + "$")

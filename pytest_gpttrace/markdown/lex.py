@@ -9,10 +9,11 @@ Markdown, so only the closing section's heading ends it). Lines are numbered fro
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Union
 
 from ..errors import MarkdownParseError
+from ..trace import PathLike
 from .layout import ANOMALIES, COMPLETE, SCALING, TITLE, TRAINING
 
 _COLOR = r'<span style="color: #[0-9a-fA-F]{6}">'
@@ -26,6 +27,8 @@ BULLET_RE = re.compile(r"^- \*\*([^*]+)\*\*:\s*(.*?)\s*$")
 VALUE_RE = re.compile(rf"^{_COLOR}(.*)</span>$")
 
 _SKIPPED_SECTIONS = (SCALING, ANOMALIES, COMPLETE)
+_MAX_DIGITS = 4300  # Python's default limit of int() on a string (sys.get_int_max_str_digits)
+_LONG_NUMBER_RE = re.compile(rf"\d{{{_MAX_DIGITS + 1},}}")
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ class Text:
     line: int
 
 
-Record = Union[SectionHeading, HeaderField, Banner, StatBlock, Table, Completion, Text]
+Record = SectionHeading | HeaderField | Banner | StatBlock | Table | Completion | Text
 
 
 def cells(line: str) -> tuple[str, ...]:
@@ -121,15 +124,21 @@ def short(text: str) -> str:
     return repr(text if len(text) <= 60 else text[:57] + "...")
 
 
-def lex(text: str, file=None) -> Iterator[Record]:
+def lex(text: str, file: PathLike | None = None) -> Iterator[Record]:
     """The records of a report, in order. Raises MarkdownParseError for what is not such a report."""
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    normalized = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = normalized.split("\n")
     if not text.strip():
         raise MarkdownParseError(file, 1, "the file is empty: expected a GPT Component Debug Trace")
     first = next(n for n, line in enumerate(lines) if line.strip())
     if lines[first].strip() != TITLE:
         raise MarkdownParseError(file, first + 1, f"not a GPT Component Debug Trace: expected the title '{TITLE}', "
                                                   f"got {short(lines[first])}")
+    long_number = _LONG_NUMBER_RE.search(normalized)
+    if long_number:  # int() refuses it; nothing a report prints is that long
+        raise MarkdownParseError(file, normalized.count("\n", 0, long_number.start()) + 1,
+                                 f"a number of {len(long_number.group())} digits "
+                                 f"(a report prints none longer than {_MAX_DIGITS})")
     section: str | None = None
     n = first + 1
     while n < len(lines):

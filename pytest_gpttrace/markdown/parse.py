@@ -11,19 +11,53 @@ stages. Malformed input raises MarkdownParseError naming the file and the line.
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal, NoReturn, overload
 
 from ..errors import MarkdownParseError
-from ..trace import Iteration, Provenance, Trace
-from .draft import IterationDraft, Stats
+from ..trace import EnvKey, Iteration, PathLike, Provenance, Trace
+from .draft import Counts, IterationDraft, Stats, Value
 from .layout import (
-    BACKWARD, BLOCK_MARKER, BULLET_BY_LABEL, BULLETS, CONFIG_ALIASES, CONFIG_ORDER, FORWARD_SECTION,
-    GRADIENT_ENTRIES, HALF_ULP, LAYOUT, NO_GRADIENT, PARAM_GRAD_COLUMNS, SCALING, ANOMALIES, COMPLETE,
-    STAGE_GRAD_COLUMNS, STAGES, STEP_NOTES, TRAINING, Section, as_int, stage_pattern,
+    ANOMALIES,
+    BACKWARD,
+    BLOCK_MARKER,
+    BULLET_BY_LABEL,
+    BULLETS,
+    COMPLETE,
+    CONFIG_ALIASES,
+    CONFIG_ORDER,
+    FORWARD_SECTION,
+    GRADIENT_ENTRIES,
+    HALF_ULP,
+    LAYOUT,
+    NO_GRADIENT,
+    PARAM_GRAD_COLUMNS,
+    SCALING,
+    STAGE_GRAD_COLUMNS,
+    STAGES,
+    STEP_NOTES,
+    TRAINING,
+    Section,
+    as_int,
+    stage_pattern,
 )
 from .lex import (
-    BULLET_RE, VALUE_RE, Banner, Completion, HeaderField, SectionHeading, StatBlock, Table, Text, lex, short,
+    BULLET_RE,
+    VALUE_RE,
+    Banner,
+    Completion,
+    HeaderField,
+    Record,
+    SectionHeading,
+    StatBlock,
+    Table,
+    Text,
+    lex,
+    short,
 )
+
+Shape = tuple[int, ...]
+Cell = Value | Shape | str  # what a bullet or a table cell holds once read
 
 PROVENANCE = Provenance(quantum=HALF_ULP, complete=False, source="markdown")
 
@@ -46,7 +80,7 @@ _ENTRY_PATTERNS = {section.title: [(e, stage_pattern(e.title.strip())) for e in 
 class _Assembler:
     """Consumes the records in order; ``finish`` builds the Trace."""
 
-    def __init__(self, file):
+    def __init__(self, file: PathLike | None):
         self.file = file
         self.header_config: dict[str, Any] = {}
         self.body_config: dict[str, Any] = {}
@@ -59,10 +93,10 @@ class _Assembler:
         self.layout_section: Section | None = None
         self.block: int | None = None  # the block the last block-level line named
 
-    def fail(self, line: int | None, message: str):
+    def fail(self, line: int | None, message: str) -> NoReturn:
         raise MarkdownParseError(self.file, line, message)
 
-    def feed(self, record) -> None:
+    def feed(self, record: Record) -> None:
         if isinstance(record, SectionHeading):
             self.enter_section(record.title, record.line)
         elif isinstance(record, HeaderField):
@@ -79,7 +113,7 @@ class _Assembler:
             self.text(record.text, record.line)
 
     # -- header and sections
-    def header(self, key: str, value: str, line: int):
+    def header(self, key: str, value: str, line: int) -> None:
         if key == "Configuration":
             self.header_config = self.config_items(value, line)
         elif key == "Model":
@@ -96,7 +130,7 @@ class _Assembler:
         if value == "n/a":
             return {}
         aliases = {alias: key for key, alias in CONFIG_ALIASES}
-        out = {}
+        out: dict[str, Any] = {}
         for item in value.split(", "):
             key, eq, raw = item.partition("=")
             if not eq or not key.strip():
@@ -104,7 +138,7 @@ class _Assembler:
             out[aliases.get(key.strip(), key.strip())] = _config_scalar(raw.strip())
         return out
 
-    def enter_section(self, title: str, line: int):
+    def enter_section(self, title: str, line: int) -> None:
         self.layout_section = None
         if title in (SCALING, ANOMALIES, COMPLETE, TRAINING):
             self.section = title
@@ -122,7 +156,7 @@ class _Assembler:
                 return
         self.fail(line, f"unknown section '{title}'")
 
-    def banner(self, pos: int, total: int, line: int):
+    def banner(self, pos: int, total: int, line: int) -> None:
         expected = len(self.iterations) + 1
         if pos != expected:
             self.fail(line, f"ITERATION {pos}/{total}: expected iteration {expected}")
@@ -135,10 +169,10 @@ class _Assembler:
         return self.iterations[-1]
 
     # -- stat blocks
-    def stat_block(self, block: StatBlock):
+    def stat_block(self, block: StatBlock) -> None:
         title, line = block.title, block.line
         it = self.current(line, f"stat block '{title}'")
-        bullets: dict[str, Any] = {}
+        bullets: dict[str, Cell] = {}
         for bullet in block.bullets:
             label, value = self.bullet(bullet.text, bullet.line)
             if label in bullets:
@@ -149,14 +183,16 @@ class _Assembler:
         missing = [b.label for b in BULLETS if b.required and b.label not in bullets]
         if missing:
             self.fail(line, f"stat block '{title}' lacks the {', '.join(missing)} bullet{'s' * (len(missing) > 1)}")
-        stats = Stats(bullets["Shape"], bullets["Dtype"], bullets["Device"])
+        shape, dtype, device = bullets["Shape"], bullets["Dtype"], bullets["Device"]
+        assert isinstance(shape, tuple) and isinstance(dtype, str) and isinstance(device, str)  # their kinds
+        stats = Stats(shape, dtype, device)
         for label, value in bullets.items():
             field = BULLET_BY_LABEL[label].field
             if field not in ("shape", "dtype", "device"):
-                stats.set(field, value)
+                stats.set(field, _statistic(value))
         self.place(it, title, stats, line)
 
-    def bullet(self, text: str, line: int):
+    def bullet(self, text: str, line: int) -> tuple[str, Cell]:
         m = BULLET_RE.match(text)
         if not m:
             self.fail(line, f"expected a statistic bullet '- **Name**: value', got {short(text)}")
@@ -170,7 +206,19 @@ class _Assembler:
             self.fail(line, f"{label}: missing value")
         return label, self.value(spec.kind, value, label, line)
 
-    def value(self, kind: str, value: str, label: str, line: int):
+    @overload
+    def value(self, kind: Literal["shape"], value: str, label: str, line: int) -> Shape: ...
+
+    @overload
+    def value(self, kind: Literal["text"], value: str, label: str, line: int) -> str: ...
+
+    @overload
+    def value(self, kind: Literal["nonfinite"], value: str, label: str, line: int) -> Counts: ...
+
+    @overload
+    def value(self, kind: str, value: str, label: str, line: int) -> Cell: ...
+
+    def value(self, kind: str, value: str, label: str, line: int) -> Cell:
         if kind in ("shape", "text"):
             value = value.strip("`").strip()
             if not value:
@@ -184,7 +232,7 @@ class _Assembler:
             m = _NONFINITE_RE.match(value) or _CELL_NONFINITE_RE.match(value)
             if not m:
                 self.fail(line, f"{label}: expected 'NaN n, Inf m', got {short(value)}")
-            return int(m.group(1)), int(m.group(2))
+            return Counts(int(m.group(1)), int(m.group(2)))
         if kind == "number":
             return self.number(value, label, line)
         return value
@@ -197,7 +245,7 @@ class _Assembler:
         except ValueError:
             self.fail(line, f"{label}: expected a number (or nan, inf, n/a), got {short(value)}")
 
-    def place(self, it: IterationDraft, title: str, stats: Stats, line: int):
+    def place(self, it: IterationDraft, title: str, stats: Stats, line: int) -> None:
         if self.section == STAGES:
             it.forward.setdefault(title, stats)
         elif self.section == BACKWARD:
@@ -235,20 +283,21 @@ class _Assembler:
 
     def last_block(self, line: int) -> int:
         n_layer = self.header_config.get("n_layer")
-        if as_int(n_layer):
-            return n_layer - 1
+        depth = as_int(n_layer)
+        if depth:
+            return depth - 1
         if self.block is None:
             self.fail(line, "'Before final norm' needs the depth (Configuration: depth=L) or the blocks above it")
         return self.block
 
     # -- other lines
-    def text(self, text: str, line: int):
+    def text(self, text: str, line: int) -> None:
         if self.section is None:
             return
         for pattern, keys, convert in _BODY_CONFIG:
             m = pattern.match(text)
             if m:
-                for key, raw in zip(keys, m.groups()):
+                for key, raw in zip(keys, m.groups(), strict=True):
                     try:
                         self.body_config.setdefault(key, convert(raw))
                     except ValueError:
@@ -265,7 +314,7 @@ class _Assembler:
                 if stats is not None:
                     stats.zero_count(int(m.group(1)))
 
-    def completion(self, record: Completion):
+    def completion(self, record: Completion) -> None:
         line = record.line
         it = self.current(line, "completion line")
         if record.pos != it.pos:
@@ -280,7 +329,7 @@ class _Assembler:
         it.completed = True
 
     # -- gradient tables
-    def table(self, table: Table):
+    def table(self, table: Table) -> None:
         header = list(table.header)
         columns = next((c for c in (STAGE_GRAD_COLUMNS, PARAM_GRAD_COLUMNS) if [h for h, _ in c] == header), None)
         if columns is None or self.section != BACKWARD:
@@ -296,9 +345,10 @@ class _Assembler:
             else:
                 self.param_row(it, cells, row.line)
 
-    def row(self, columns, cells, line: int, stats: Stats | None = None):
-        values = {}
-        for (header, kind), cell in zip(columns, cells):
+    def row(self, columns: Sequence[tuple[str, str]], cells: Sequence[str], line: int,
+            stats: Stats | None = None) -> tuple[str, Stats]:
+        values: dict[str, Cell] = {}
+        for (header, kind), cell in zip(columns, cells, strict=True):
             if kind == "name":
                 if not cell:
                     self.fail(line, f"gradient table row: missing {header}")
@@ -311,14 +361,16 @@ class _Assembler:
                 values[kind] = self.value("nonfinite", cell, header, line)
             else:
                 values[kind] = self.number(cell, header, line)
+        name, shape, dtype = values["name"], values["shape"], values["dtype"]
+        assert isinstance(name, str) and isinstance(shape, tuple) and isinstance(dtype, str)  # their kinds
         if stats is None:
-            stats = Stats(values["shape"], values["dtype"], self.default_device())
+            stats = Stats(shape, dtype, self.default_device())
         for kind, value in values.items():
             if kind not in ("name", "shape", "dtype"):
-                stats.set(kind, value)
-        return values["name"], stats
+                stats.set(kind, _statistic(value))
+        return name, stats
 
-    def param_row(self, it: IterationDraft, cells: list[str], line: int):
+    def param_row(self, it: IterationDraft, cells: list[str], line: int) -> None:
         """A parameter row; the table's order wins over the gradient blocks above it."""
         name = cells[0]
         if len(cells) > 2 and cells[2] == NO_GRADIENT:
@@ -342,7 +394,8 @@ class _Assembler:
         if self.declared_iterations is not None and self.declared_iterations[0] != len(self.iterations):
             count, line = self.declared_iterations
             self.fail(line, f"the header declares {count} iterations, the report holds {len(self.iterations)}")
-        iterations, previous = [], None
+        iterations: list[Iteration] = []
+        previous: int | None = None
         for draft in self.iterations:
             index = draft.index
             if index is None:  # a loss-only iteration: one past the previous one
@@ -355,9 +408,9 @@ class _Assembler:
                 param_grads={k: (s.build() if s is not None else None) for k, s in draft.param_grads.items()},
             ))
             previous = index
-        environment = {"source": "markdown"}
+        environment: dict[str, str] = {EnvKey.SOURCE: PROVENANCE.source}
         if self.device:
-            environment = {"device": self.device[1], "device_type": self.device[0], **environment}
+            environment = {EnvKey.DEVICE: self.device[1], EnvKey.DEVICE_TYPE: self.device[0], **environment}
         return Trace(config=self.config(iterations), environment=environment, iterations=tuple(iterations),
                      parameters=dict(self.parameters), model=self.model, provenance=PROVENANCE)
 
@@ -378,7 +431,14 @@ def _parse_shape(text: str) -> tuple[int, ...] | None:
     return tuple(int(p) for p in re.split(r"\s*,\s*", m.group(1)) if p)
 
 
-def _config_scalar(raw: str):
+def _statistic(cell: Cell) -> Value:
+    """A cell of a statistic's kind (number or nonfinite), as ``Stats.set`` takes it."""
+    if cell is None or isinstance(cell, (float, Counts)):
+        return cell
+    raise TypeError(f"{cell!r} is a shape or a text, not a statistic")
+
+
+def _config_scalar(raw: str) -> int | float | bool | str | None:
     if re.fullmatch(r"-?\d+", raw):
         return int(raw)
     if raw in ("True", "False", "None"):
@@ -389,7 +449,7 @@ def _config_scalar(raw: str):
         return raw
 
 
-def parse(text: str, file=None) -> Trace:
+def parse(text: str, file: PathLike | None = None) -> Trace:
     """Read a GPT Component Debug Trace into a Trace.
 
     Raises MarkdownParseError naming the file and line when the text is not such a report.

@@ -8,17 +8,51 @@ all_iterations). A stat block is a ``#### `` heading followed by bullets
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any
 
 from .. import scaling
-from ..trace import Iteration, TensorStats, Trace
+from ..trace import EnvKey, Iteration, TensorStats, Trace
 from .layout import (
-    ANOMALIES, BACKWARD, BACKWARD_INTRO, BANNER, BLOCK_ENTRIES, BLOCK_MARKER, BULLETS, COMPLETE, CONFIG_ALIASES,
-    FORWARD_SECTION, GENERIC_STAGES, GRADIENT_ENTRIES, HEADING, INFO, KEY_TAKEAWAYS, LAYOUT, LEFT_ALIGNED,
-    NO_GRADIENT, NOTE, PARAM_GRAD_COLUMNS, SCALING, SECTION, STAGE_GRAD_COLUMNS, STAGES, STAGES_INTRO, STEP_NOTES,
-    TITLE, TRAINING, VALUE, Bullet, Section, Y, as_int, fmt, stage_pattern,
+    ANOMALIES,
+    BACKWARD,
+    BACKWARD_INTRO,
+    BANNER,
+    BLOCK_ENTRIES,
+    BLOCK_MARKER,
+    BULLETS,
+    COMPLETE,
+    CONFIG_ALIASES,
+    FORWARD_SECTION,
+    GENERIC_STAGES,
+    GRADIENT_ENTRIES,
+    HEADING,
+    INFO,
+    KEY_TAKEAWAYS,
+    LAYOUT,
+    LEFT_ALIGNED,
+    NO_GRADIENT,
+    NOTE,
+    PARAM_GRAD_COLUMNS,
+    SCALING,
+    SECTION,
+    STAGE_GRAD_COLUMNS,
+    STAGES,
+    STAGES_INTRO,
+    STEP_NOTES,
+    TITLE,
+    TRAINING,
+    VALUE,
+    Bullet,
+    Entry,
+    LineItem,
+    Section,
+    Y,
+    as_int,
+    fmt,
+    stage_pattern,
 )
 
 
@@ -37,11 +71,12 @@ def _fill(template: str, ctx: Mapping[str, Any]) -> str | None:
         return None
 
 
-def _emit(lines, ctx) -> list[str]:
+def _emit(lines: Iterable[LineItem], ctx: Mapping[str, Any]) -> list[str]:
     """Render Line templates; a blank line follows only lines that were rendered."""
-    out, pending = [], False
+    out: list[str] = []
+    pending = False
     for line in lines:
-        if line == "":
+        if isinstance(line, str):  # "": a blank line
             if pending:
                 out.append("")
             pending = False
@@ -53,7 +88,7 @@ def _emit(lines, ctx) -> list[str]:
     return out
 
 
-def _shape(shape) -> str:
+def _shape(shape: Sequence[int]) -> str:
     return str(tuple(shape))
 
 
@@ -101,7 +136,7 @@ _BLOCK_STAGES = [stage_pattern(e.stage) for e in BLOCK_ENTRIES]
 _LAYOUT_STAGES = [stage_pattern(e.stage) for s in LAYOUT for e in s.entries]
 
 
-def _block_indices(names) -> list[int]:
+def _block_indices(names: Iterable[str]) -> list[int]:
     found = set()
     for name in names:
         for pattern in _BLOCK_STAGES:
@@ -123,13 +158,13 @@ def _context(trace: Trace, it: Iteration) -> dict[str, Any]:
     """Numbers for the explanatory lines: from the config, else from the shapes."""
     cfg, fwd = trace.config, it.forward
 
-    def last_dim(stage):
+    def last_dim(stage: str) -> int | None:
         s = fwd.get(stage)
         return s.shape[-1] if s is not None and s.shape else None
 
     blocks = _block_indices(fwd)
     wte = trace.parameters.get("wte.weight")
-    values = {
+    values: dict[str, Any] = {
         "index": it.index,
         "C": as_int(cfg.get("n_embd")) or last_dim("embed.wte"),
         "V": as_int(cfg.get("vocab_size")) or last_dim("lm_head.logits") or (wte[0] if wte else None),
@@ -146,34 +181,36 @@ def _context(trace: Trace, it: Iteration) -> dict[str, Any]:
 
 
 def _sparsity_context(forward: Mapping[str, TensorStats], i: int) -> dict[str, Any]:
-    out = {}
+    out: dict[str, Any] = {}
     for key in ("relu", "relu2"):
         s = forward.get(f"blocks.{i}.mlp.{key}")
         if s is not None and s.zero_frac is not None and s.numel > 0 and math.isfinite(s.zero_frac):
-            zeros = s.zeros
+            zeros = round(s.zero_frac * s.numel)  # TensorStats.zeros, known here
             out.update({f"{key}_zeros": zeros, f"{key}_numel": s.numel, f"{key}_pct": f"{100 * zeros / s.numel:.1f}"})
     return out
 
 
-def _render_entries(entries, forward, ctx, used: set) -> list[str]:
-    out = []
+def _render_entries(entries: Iterable[Entry], forward: Mapping[str, TensorStats], ctx: Mapping[str, Any],
+                    used: set[str]) -> list[str]:
+    out: list[str] = []
     for entry in entries:
         name = _fill(entry.stage, ctx)
         stats = forward.get(name) if name is not None else None
-        if stats is None:
+        if name is None or stats is None:
             continue
         used.add(name)
         shown = _transposed(stats) if entry.transposed else stats
         local = {**ctx, **_shape_context(shown)}
         out += _emit(entry.before, local)
-        out += stat_block(_fill(entry.title, ctx), shown, entry.note, ctx)
+        out += stat_block(_fill(entry.title, ctx) or entry.title, shown, entry.note, ctx)
         out += _emit(entry.after, local)
     return out
 
 
-def _render_section(section: Section, forward, ctx, used: set) -> list[str]:
+def _render_section(section: Section, forward: Mapping[str, TensorStats], ctx: Mapping[str, Any],
+                    used: set[str]) -> list[str]:
     if section.per_block:
-        body = []
+        body: list[str] = []
         for i in _block_indices(forward):
             block_ctx = {**ctx, "i": i, **_sparsity_context(forward, i)}
             if _fill(section.entries[0].stage, block_ctx) not in forward:
@@ -193,7 +230,7 @@ def _forward(trace: Trace, it: Iteration, layout: bool) -> list[str]:
     if layout:
         lines = [line for section in LAYOUT for line in _render_section(section, it.forward, ctx, used)]
     else:
-        lines = _section(_fill(FORWARD_SECTION.title, ctx))
+        lines = _section(_fill(FORWARD_SECTION.title, ctx) or FORWARD_SECTION.title)
     rest = [name for name in it.forward if name not in used]
     if rest:
         lines += _section(STAGES) + _emit(STAGES_INTRO, ctx)
@@ -202,13 +239,13 @@ def _forward(trace: Trace, it: Iteration, layout: bool) -> list[str]:
     return lines
 
 
-def _markdown_table(header, rows: list[list[str]], left: int = 0) -> list[str]:
+def _markdown_table(header: Sequence[str], rows: list[list[str]], left: int = 0) -> list[str]:
     """A Markdown table whose first `left` columns align left and the others (numbers) right."""
     rule = "|" + "|".join("---" if k < left else "---:" for k in range(len(header))) + "|"
-    return ["| " + " | ".join(header) + " |", rule] + ["| " + " | ".join(row) + " |" for row in rows]
+    return ["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(row) + " |" for row in rows)]
 
 
-def _grad_table(columns, rows: list[list[str]]) -> list[str]:
+def _grad_table(columns: Sequence[tuple[str, str]], rows: list[list[str]]) -> list[str]:
     left = sum(kind in LEFT_ALIGNED for _, kind in columns)
     return _markdown_table([header for header, _ in columns], rows, left=left)
 
@@ -224,15 +261,15 @@ def _cell(stats: TensorStats, name: str, kind: str) -> str:
         return fmt(stats.l2_norm)
     if kind == "nonfinite":
         return f"{stats.nan}/{stats.inf}"
-    return fmt(getattr(stats, kind))
+    return fmt(stats.stat(kind))
 
 
 def _gradient_tables(trace: Trace, it: Iteration) -> list[str]:
-    lines = []
+    lines: list[str] = []
     if it.stage_grads:
         rows = [[_cell(s, name, kind) for _, kind in STAGE_GRAD_COLUMNS] for name, s in it.stage_grads.items()]
         lines += [_span(INFO, "Stage gradients (d loss / d stage output), in backward order:"), ""]
-        lines += _grad_table(STAGE_GRAD_COLUMNS, rows) + [""]
+        lines += [*_grad_table(STAGE_GRAD_COLUMNS, rows), ""]
     if it.param_grads:
         rows = []
         for name, s in it.param_grads.items():
@@ -243,7 +280,7 @@ def _gradient_tables(trace: Trace, it: Iteration) -> list[str]:
             else:
                 rows.append([_cell(s, name, kind) for _, kind in PARAM_GRAD_COLUMNS])
         lines += [_span(INFO, "Parameter gradients:"), ""]
-        lines += _grad_table(PARAM_GRAD_COLUMNS, rows) + [""]
+        lines += [*_grad_table(PARAM_GRAD_COLUMNS, rows), ""]
     return lines
 
 
@@ -267,7 +304,7 @@ def _banner(pos: int, total: int) -> list[str]:
     return [f"<strong>{_span(BANNER, f'ITERATION {pos}/{total}')}", f"<strong>{_span(BANNER, '#' * 80)}", ""]
 
 
-def _config_value(value) -> str | None:
+def _config_value(value: object) -> str | None:
     if isinstance(value, (bool, int, float)) or value is None:
         return repr(value)
     if isinstance(value, str) and value and ", " not in value and "=" not in value:
@@ -289,20 +326,22 @@ def _config_line(config: Mapping[str, Any], layout: bool) -> str:
 def _device_line(trace: Trace) -> str:
     env = trace.environment
     first = next((s for it in trace.iterations for s in it.forward.values()), None)
-    device = env.get("device") or (first.device if first else "n/a")
-    device_type = env.get("device_type") or str(device).split(":")[0]
+    device = env.get(EnvKey.DEVICE) or (first.device if first else "n/a")
+    device_type = env.get(EnvKey.DEVICE_TYPE) or str(device).split(":")[0]
     return f"{device_type} ({device})"
 
 
-def _header(trace: Trace, layout: bool, generated) -> list[str]:
+def _header(trace: Trace, layout: bool, generated: datetime | str | None) -> list[str]:
     if generated is None:
-        generated = "n/a"
+        stamp = "n/a"
     elif isinstance(generated, datetime):
-        generated = generated.strftime("%Y-%m-%d %H:%M:%S")
-    lines = [TITLE, "", f"**Generated**: {generated}", f"**Configuration**: {_config_line(trace.config, layout)}"]
+        stamp = generated.strftime("%Y-%m-%d %H:%M:%S")
+    else:
+        stamp = generated
+    lines = [TITLE, "", f"**Generated**: {stamp}", f"**Configuration**: {_config_line(trace.config, layout)}"]
     if trace.model:
         lines.append(f"**Model**: {trace.model}")
-    return lines + [f"**Device**: {_device_line(trace)}", f"**Iterations**: {len(trace.iterations)}", ""]
+    return [*lines, f"**Device**: {_device_line(trace)}", f"**Iterations**: {len(trace.iterations)}", ""]
 
 
 def _count(n: int) -> str:
@@ -323,8 +362,8 @@ def _component_lines(components: list[scaling.Component], source: str) -> list[s
 
 def _flops_lines(shape: scaling.GPTShape, components: list[scaling.Component]) -> list[str]:
     non_embedding = scaling.total_params(components) - scaling.embedding_params(components)
-    dims = f"12 × {shape.n_layer} × {shape.n_head} × {shape.head_dim} × {shape.sequence_len}"
-    text = (f"FLOPs per token (forward + backward): 6 × {_count(non_embedding)} non-embedding parameters"
+    dims = f"12 × {shape.n_layer} × {shape.n_head} × {shape.head_dim} × {shape.sequence_len}"  # noqa: RUF001
+    text = (f"FLOPs per token (forward + backward): 6 × {_count(non_embedding)} non-embedding parameters"  # noqa: RUF001
             f" + 12·L·H·D·T = {dims} ({_count(scaling.attention_flops_per_token(shape))})"
             f" = {_count(scaling.flops_per_token(shape, components))}")
     return [_span(INFO, text), ""]
@@ -347,11 +386,12 @@ def _scaling_lines(trace: Trace) -> list[str]:
     if shape is None:
         missing = ", ".join(scaling.missing_keys(trace.config)) or "a head count that divides n_embd"
         note = f"No FLOPs or depth scaling: the config lacks {missing} (not a nanochat-style GPT config)"
-        return lines + [_span(NOTE, note), ""]
+        return [*lines, _span(NOTE, note), ""]
     return lines + _flops_lines(shape, components) + _sweep_lines(shape)
 
 
-def render(trace: Trace, *, all_iterations: bool = False, anomalies: str | None = None, generated=None) -> str:
+def render(trace: Trace, *, all_iterations: bool = False, anomalies: str | None = None,
+           generated: datetime | str | None = None) -> str:
     """The trace as a GPT Component Debug Trace in Markdown.
 
     The first iteration renders in full, later ones as their loss line (every one in full with
@@ -370,7 +410,7 @@ def render(trace: Trace, *, all_iterations: bool = False, anomalies: str | None 
             lines += _forward(trace, it, layout) + _backward(trace, it)
         lines += _completion(pos, it)
     if anomalies and anomalies.strip():
-        lines += _section(ANOMALIES) + anomalies.strip("\n").splitlines() + [""]
+        lines += [*_section(ANOMALIES), *anomalies.strip("\n").splitlines(), ""]
     lines += _section(COMPLETE) + list(KEY_TAKEAWAYS)
     return "\n".join(lines) + "\n"
 
