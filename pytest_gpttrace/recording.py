@@ -26,15 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import stats as _stats
 from .stats import StatsBatch
-from .trace import Iteration, TensorStats
-
-
-class Section(enum.Enum):
-    """The part of an Iteration a summarised tensor belongs to (the value is the field's name)."""
-
-    FORWARD = "forward"
-    STAGE_GRADS = "stage_grads"
-    PARAM_GRADS = "param_grads"
+from .trace import STAGE_SECTIONS, Iteration, Section, TensorStats
 
 
 class StageKey(NamedTuple):
@@ -137,7 +129,7 @@ class PendingIteration:
         if isinstance(loss, torch.Tensor):
             self.batch.add_scalar(Extra.LOSS, loss)
         rows, extras = self.batch.finish()
-        sections: dict[Section, dict[str, TensorStats | None]] = {section: {} for section in Section}
+        sections: dict[Section, dict[str, TensorStats | None]] = {section: {} for section in STAGE_SECTIONS}
         for (section, name), stats in rows:
             sections[section][name] = stats
         read = extras.get(Extra.LOSS)

@@ -382,7 +382,7 @@ def _scaling_lines(trace: Trace) -> list[str]:
     """Parameters per component (always when known), then FLOPs and the depth sweep (GPT configs)."""
     components, source = scaling.choose_components(trace.config, trace.parameters)
     shape = scaling.shape_from_config(trace.config)
-    lines = _component_lines(components, source) if components else []
+    lines = _component_lines(components, source) if components and source else []
     if shape is None:
         missing = ", ".join(scaling.missing_keys(trace.config)) or "a head count that divides n_embd"
         note = f"No FLOPs or depth scaling: the config lacks {missing} (not a nanochat-style GPT config)"
