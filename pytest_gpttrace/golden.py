@@ -24,7 +24,7 @@ from .calibrate import Calibrated
 from .compare import Comparison, Override, check_same_config, compare, resolve_profile
 from .errors import GptTraceError
 from .outcome import Band, GoldenResult, GoldenStatus, shown
-from .trace import Trace, dumps
+from .trace import EnvKey, Trace, dumps
 from .traceio import WriteError, read_trace, write_text_atomic
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\[\]-]+")
@@ -73,7 +73,7 @@ def golden_relpath(nodeid: str, device_type: str = "cpu") -> Path:
 
 def device_type(trace: Trace) -> str:
     """The device type a trace ran on (``cpu`` when not recorded)."""
-    return str(trace.environment.get("device_type", "cpu"))
+    return str(trace.environment.get(EnvKey.DEVICE_TYPE, "cpu"))
 
 
 def trace_path(folder: Path, nodeid: str, trace: Trace) -> Path:

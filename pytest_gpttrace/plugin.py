@@ -283,6 +283,7 @@ def _calibrator(request: pytest.FixtureRequest) -> Callable[[Trace], Calibrated]
     from .compare import CALIBRATED_FLOOR, CALIBRATED_K
     from .golden import device_type
     from .replay import Session, plan_variants, run_replays
+    from .trace import EnvKey
 
     config = request.config
     settings = config.stash[_SETTINGS]
@@ -292,8 +293,8 @@ def _calibrator(request: pytest.FixtureRequest) -> Callable[[Trace], Calibrated]
 
     def calibrate(obtained: Trace) -> Calibrated:
         env = obtained.environment
-        variants = plan_variants(device_type(obtained), int(env.get("threads", 1)),
-                                 dithers=settings.dithers, tf32=env.get("tf32"))
+        variants = plan_variants(device_type(obtained), int(env.get(EnvKey.THREADS, 1)),
+                                 dithers=settings.dithers, tf32=env.get(EnvKey.TF32))
         replays, seconds = run_replays(session, variants)
         return Calibrated(measure(obtained, replays, k=CALIBRATED_K, floor=CALIBRATED_FLOOR), seconds)
 

@@ -12,13 +12,16 @@ from typing import Any
 
 from .anomalies import Anomaly, render_text
 from .calibrate import summary as calibration_summary
-from .compare import Comparison, Mismatch
+from .compare import LOSS, Comparison, Mismatch
 from .errors import TraceFormatError
 from .outcome import WRITTEN, Band, GoldenResult, GoldenStatus
+from .trace import STAGE_SECTIONS, EnvKey, Section
 
 MAX_ROWS = 20
-_ENV_KEYS = ("torch", "device", "device_name", "cpu_capability", "dtype", "autocast", "matmul_precision",
-             "threads", "stats_path", "platform")
+_SECTION_ABBREVIATIONS = {Section.FORWARD: "fwd", Section.STAGE_GRADS: "grad", Section.PARAM_GRADS: "param",
+                          Section.LOSS: "loss"}
+_ENV_KEYS = (EnvKey.TORCH, EnvKey.DEVICE, EnvKey.DEVICE_NAME, EnvKey.CPU_CAPABILITY, EnvKey.DTYPE,
+             EnvKey.AUTOCAST, EnvKey.MATMUL_PRECISION, EnvKey.THREADS, EnvKey.STATS_PATH, EnvKey.PLATFORM)
 
 
 def _fmt(value: object) -> str:
@@ -51,7 +54,7 @@ def _in_bands(m: Mismatch) -> str:
 
 
 def mismatch_row(m: Mismatch, calibrated: bool = False) -> list[str]:
-    section = {"forward": "fwd", "stage_grads": "grad", "param_grads": "param", "loss": "loss"}[m.section]
+    section = _SECTION_ABBREVIATIONS[m.section]
     row = [str(m.iteration), section, m.stage, m.stat, _fmt(m.golden), _fmt(m.obtained),
            _fmt(m.difference), _fmt(m.allowed)]
     if calibrated:
@@ -75,10 +78,10 @@ def traced_tensors(comparison: Comparison) -> int:
     keys: set[tuple[str, str]] = set()
     for trace in (comparison.golden, comparison.obtained):
         for it in trace.iterations:
-            for section in ("forward", "stage_grads", "param_grads"):
-                keys.update((section, name) for name in getattr(it, section))
+            for section in STAGE_SECTIONS:
+                keys.update((section, name) for name in it.section(section))
             if it.loss is not None:
-                keys.add(("loss", "loss"))
+                keys.add((Section.LOSS, LOSS))
     return len(keys | set(comparison.distinct_stages))
 
 

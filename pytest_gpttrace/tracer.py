@@ -44,7 +44,7 @@ from torch.utils.hooks import RemovableHandle
 from .dither import undithered
 from .errors import CaptureError
 from .recording import PendingIteration, StatsPathChoice, ZeroCensus
-from .trace import Iteration, Trace
+from .trace import EnvKey, Iteration, Trace
 
 TAP_CLASS_NAMES = ("Tap", "HookPoint")
 
@@ -126,14 +126,16 @@ def _cpu_name() -> str:
 def device_provenance(device: torch.device) -> dict[str, str | bool]:
     """The device's name and kernel level: the CPU model and the ISA torch dispatches to, or the GPU
     name and compute capability, and the matmul precision flags that change what kernels compute."""
-    out: dict[str, str | bool] = {"matmul_precision": torch.get_float32_matmul_precision()}
+    out: dict[str, str | bool] = {EnvKey.MATMUL_PRECISION.value: torch.get_float32_matmul_precision()}
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        out.update(device_name=torch.cuda.get_device_name(device), cpu_capability=f"sm_{major}{minor}",
-                   tf32=bool(torch.backends.cuda.matmul.allow_tf32),
-                   cudnn_tf32=bool(torch.backends.cudnn.allow_tf32))
+        out.update({EnvKey.DEVICE_NAME.value: torch.cuda.get_device_name(device),
+                    EnvKey.CPU_CAPABILITY.value: f"sm_{major}{minor}",
+                    EnvKey.TF32.value: bool(torch.backends.cuda.matmul.allow_tf32),
+                    EnvKey.CUDNN_TF32.value: bool(torch.backends.cudnn.allow_tf32)})
     else:
-        out.update(device_name=_cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability())
+        out.update({EnvKey.DEVICE_NAME.value: _cpu_name(),
+                    EnvKey.CPU_CAPABILITY.value: torch.backends.cpu.get_cpu_capability()})
     return out
 
 
@@ -143,17 +145,17 @@ def environment(model: nn.Module, stats_path: str = "eager", stats_note: str | N
     floating = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
     return {
-        "torch": torch.__version__.split("+")[0],
-        "python": platform.python_version(),
-        "platform": f"{sys.platform}-{platform.machine()}",
-        "device_type": device.type,
-        "device": str(device),
+        EnvKey.TORCH.value: torch.__version__.split("+")[0],
+        EnvKey.PYTHON.value: platform.python_version(),
+        EnvKey.PLATFORM.value: f"{sys.platform}-{platform.machine()}",
+        EnvKey.DEVICE_TYPE.value: device.type,
+        EnvKey.DEVICE.value: str(device),
         **device_provenance(device),
-        "dtype": str(floating.dtype) if floating is not None else "n/a",
-        **({"autocast": ", ".join(sorted(autocast))} if autocast else {}),
-        "threads": torch.get_num_threads(),
-        "stats_path": stats_path,
-        **({"stats_note": stats_note} if stats_note else {}),
+        EnvKey.DTYPE.value: str(floating.dtype) if floating is not None else "n/a",
+        **({EnvKey.AUTOCAST.value: ", ".join(sorted(autocast))} if autocast else {}),
+        EnvKey.THREADS.value: torch.get_num_threads(),
+        EnvKey.STATS_PATH.value: stats_path,
+        **({EnvKey.STATS_NOTE.value: stats_note} if stats_note else {}),
     }
 
 
