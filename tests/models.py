@@ -1,17 +1,38 @@
 """Small models for the tests: the reference GPT at tiny sizes, and a user GPT with no taps."""
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pytest_gpttrace import trace_training
+from pytest_gpttrace.trace import Trace
 from reference_model import GPT, GPTConfig, optimizers, synthetic_batches
 
-TINY = GPTConfig(sequence_len=32, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+Batch = tuple[torch.Tensor, torch.Tensor]  # (idx, targets)
+
+# The model of the shipped tiny goldens (tests/test_traces.py, golden/tests/test_traces/*[tiny].json):
+# a changed value is another model, and those goldens no longer hold.
+TINY_GOLDEN_CONFIG = GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+# A smaller reference model for tests that trace without a golden (half the sequence, half the vocabulary).
+SMALL_CONFIG = GPTConfig(sequence_len=32, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
 
 
-def tiny_reference(seed=42, config=TINY):
+def tiny_reference(
+    seed: int = 42, config: GPTConfig = SMALL_CONFIG,
+) -> tuple[GPT, Iterator[Batch], list[torch.optim.Optimizer]]:
+    """The reference model at ``config``, its synthetic batches and its optimizers."""
     model = GPT(config, seed=seed)
     return model, synthetic_batches(config, seed=seed), optimizers(model)
+
+
+def trace_reference(config: GPTConfig, iterations: int, seed: int = 42) -> Trace:
+    """The reference model at ``config`` traced for ``iterations``; the optimizers are built only
+    where a step can show (the step after the last iteration changes nothing a trace sees)."""
+    model = GPT(config, seed=seed)
+    opts = optimizers(model) if iterations > 1 else None
+    return trace_training(model, synthetic_batches(config, seed=seed), opts, iterations=iterations)
 
 
 class UserBlock(nn.Module):
@@ -23,7 +44,7 @@ class UserBlock(nn.Module):
         self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def forward(self, x):
-        B, T, C = x.shape
+        C = x.shape[-1]
         q, k, v = self.qkv(self.ln(x)).split(C, dim=-1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y)

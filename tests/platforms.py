@@ -6,7 +6,6 @@ own inductor cache (the cache does not key on the cap).
 
 import atexit
 import os
-import textwrap
 import shutil
 import subprocess
 import sys
@@ -16,20 +15,21 @@ from pathlib import Path
 import pytest
 
 from pytest_gpttrace.replay import CAP_VARIABLES, CAPS, cpu_flags
+from tests.models import TINY_GOLDEN_CONFIG
+from tests.paths import ROOT
 
-ROOT = Path(__file__).parent.parent
-# the reference model's tiny golden test, as a user's project would hold it
-TINY_TEST = textwrap.dedent('''
-    import pytest
-    from reference_model import GPTConfig
+# the reference model's tiny golden test (tests/test_traces.py), as a user's project would hold it
+TINY_TEST = f'''
+import pytest
+from reference_model import GPTConfig
 
-    TINY = GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+TINY_GOLDEN_CONFIG = {TINY_GOLDEN_CONFIG!r}
 
-    @pytest.mark.gpt_trace(iterations=3, seed=42)
-    @pytest.mark.parametrize("gpt_config", [TINY], ids=["tiny"])
-    def test_tiny(gpt_trace, gpt_golden):
-        assert gpt_trace == gpt_golden
-''')
+@pytest.mark.gpt_trace(iterations=3, seed=42)
+@pytest.mark.parametrize("gpt_config", [TINY_GOLDEN_CONFIG], ids=["tiny"])
+def test_tiny(gpt_trace, gpt_golden):
+    assert gpt_trace == gpt_golden
+'''
 # cap name -> the CPU flag it needs; "native" removes every cap
 NEEDS = {"default": None, "avx2": "avx2", "avx512": "avx512f", "native": None}
 
@@ -69,7 +69,7 @@ def inductor_cache(cap: str) -> Path:
     return _CACHES[0] / cap
 
 
-def environment(cap: str, **extra) -> dict:
+def environment(cap: str, **extra: object) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in CAP_VARIABLES and not k.startswith(("PYTEST_", "GPTTRACE_")) and k != "CI"}
     env.update(CAPS.get(cap, {}))
@@ -79,7 +79,7 @@ def environment(cap: str, **extra) -> dict:
     return env
 
 
-def run_pytest(project: Path, cap: str, *args, timeout=900, **extra) -> subprocess.CompletedProcess:
+def run_pytest(project: Path, cap: str, *args: str, timeout: float = 900, **extra: object) -> subprocess.CompletedProcess[str]:
     """python -m pytest ARGS in ``project`` under ``cap``; CI is unset, as on a developer's machine."""
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
@@ -87,5 +87,5 @@ def run_pytest(project: Path, cap: str, *args, timeout=900, **extra) -> subproce
     )
 
 
-def output(done: subprocess.CompletedProcess) -> str:
+def output(done: subprocess.CompletedProcess[str]) -> str:
     return "\n".join(line for line in (done.stdout + done.stderr).splitlines() if "DEBUG" not in line)

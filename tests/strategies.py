@@ -1,28 +1,26 @@
 """Hypothesis strategies shared by the tests."""
 
-import math
-
 from hypothesis import strategies as st
 
-from pytest_gpttrace.trace import Iteration, TensorStats, Trace
+from pytest_gpttrace.trace import STAT_FIELDS, Iteration, Trace
+from tests.builders import make_stats
 
 any_float = st.floats(allow_nan=True, allow_infinity=True)
 # Comparisons are checked on finite, moderate values: the tolerance arithmetic itself must not
 # overflow or lose the boundary to rounding.
 moderate = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
-names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)
+names = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12)
 
 
 @st.composite
 def stats(draw, values=any_float):
     shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
-    numel = math.prod(shape)
-    if numel == 0:
-        return TensorStats(shape, "torch.float32", "cpu", 0)
-    vals = {k: draw(values) for k in ("mean", "std", "min", "max", "rms", "zero_frac")}
-    return TensorStats(shape, draw(st.sampled_from(["torch.float32", "torch.bfloat16", "torch.int64"])),
-                       draw(st.sampled_from(["cpu", "cuda:0"])), numel, **vals,
-                       nan=draw(st.integers(0, 9)), inf=draw(st.integers(0, 9)))
+    if 0 in shape:
+        return make_stats(shape)  # empty: no statistics
+    vals = {k: draw(values) for k in STAT_FIELDS}
+    return make_stats(shape, dtype=draw(st.sampled_from(["torch.float32", "torch.bfloat16", "torch.int64"])),
+                      device=draw(st.sampled_from(["cpu", "cuda:0"])), **vals,
+                      nan=draw(st.integers(0, 9)), inf=draw(st.integers(0, 9)))
 
 
 @st.composite

@@ -1,9 +1,6 @@
 """Anomaly rules: the seed, the clean reference model, injected faults, and each rule on its own."""
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,22 +9,31 @@ import torch.nn.functional as F
 import reference_model.gpt as gpt
 from pytest_gpttrace import markdown, trace_training
 from pytest_gpttrace.anomalies import (
-    ERROR, INFO, RULES, WARNING, Thresholds, detect, errors, parse_thresholds, render_markdown, render_text,
+    ERROR,
+    INFO,
+    RULES,
+    WARNING,
+    Thresholds,
+    detect,
+    errors,
+    parse_thresholds,
+    render_markdown,
+    render_text,
 )
 from pytest_gpttrace.cli import main
-from pytest_gpttrace.trace import Iteration, TensorStats, Trace, dumps, replace_stats
+from pytest_gpttrace.trace import Trace, dumps, replace_stats
 from reference_model import GPT, optimizers, synthetic_batches
-from tests.test_traces import TINY
-
-SEED = Path(__file__).parent / "data" / "seed_trace.md"
+from tests.builders import make_iteration, make_stats
+from tests.models import TINY_GOLDEN_CONFIG
+from tests.paths import ROOT, SEED_REPORT
 
 
 def traced(model_fn=None, opt_fn=None, iterations=3, micro_steps=1):
-    model = GPT(TINY, seed=42)
+    model = GPT(TINY_GOLDEN_CONFIG, seed=42)
     if model_fn:
         model_fn(model)
     opts = opt_fn(model) if opt_fn else optimizers(model)
-    return trace_training(model, synthetic_batches(TINY, seed=42), opts, iterations=iterations,
+    return trace_training(model, synthetic_batches(TINY_GOLDEN_CONFIG, seed=42), opts, iterations=iterations,
                           micro_steps=micro_steps)
 
 
@@ -37,7 +43,7 @@ def by_severity(found, severity):
 
 # ------------------------------------------------------------------ the seed report
 def test_the_seed_report():
-    found = detect(markdown.load(SEED))
+    found = detect(markdown.load(SEED_REPORT))
     (err,) = errors(found)
     assert err.rule == "stuck-loss"
     assert "11.090358" in err.symptom and "ln V = ln 65536" in err.symptom and "3 iterations" in err.symptom
@@ -54,7 +60,7 @@ def test_the_seed_report():
 
 
 def test_gpttrace_check_on_the_seed_exits_1(capsys):
-    assert main(["check", str(SEED)]) == 1
+    assert main(["check", str(SEED_REPORT)]) == 1
     out = capsys.readouterr().out
     assert out.splitlines()[0].endswith("1 errors, 0 warnings, 2 infos")
     assert out.index("1 error:") < out.index("2 infos:")
@@ -125,7 +131,9 @@ def test_head_left_out_of_the_optimizer_is_a_stuck_loss():
     found = detect(traced(opt_fn=head_left_out))
     (err,) = errors(found)
     assert err.rule == "stuck-loss" and "lm_head is in a param group" in err.cause
-    assert any("lm_head.logits still outputs exactly zero" in a.symptom for a in found)  # as info
+    # after each step: an info beside the error, which names the cause
+    assert [(a.severity, a.iteration) for a in found if "lm_head.logits still outputs exactly zero" in a.symptom] \
+        == [(INFO, 1), (INFO, 2)]
 
 
 def test_nan_is_reported_at_the_stage_where_it_is_born():
@@ -154,11 +162,13 @@ def test_a_residual_stream_scaled_by_10_per_layer(monkeypatch):
 
 
 # ------------------------------------------------------------------ rules one by one, on built traces
-S = TensorStats((1, 4, 8), "torch.float32", "cpu", 32, 0.0, 1.0, -2.0, 2.0, 1.0, 0.0)
+S = make_stats((1, 4, 8), mean=0.0, std=1.0, min=-2.0, max=2.0, rms=1.0, zero_frac=0.0)
+LN_V = math.log(256)  # the loss of uniform logits over trace_of's vocabulary
 
 
-def trace_of(forward=None, losses=(math.log(256),), stepped=True, config=None, grads=None):
-    its = tuple(Iteration(i, loss, stepped, {}, dict(forward or {}) if i == 0 else {}, dict(grads or {}) if i == 0 else {}, {})
+def trace_of(forward=None, losses=(LN_V,), stepped=True, config=None, grads=None):
+    """A trace with these losses; forward and grads (stage gradients) recorded at iteration 0."""
+    its = tuple(make_iteration(i, loss, forward if i == 0 else None, grads if i == 0 else None, stepped=stepped)
                 for i, loss in enumerate(losses))
     return Trace(config or {"vocab_size": 256, "softcap": 15.0}, {}, its, zero_params=())
 
@@ -170,18 +180,31 @@ def rules(trace, **th):
 def test_loss_at_init_with_zero_logits_must_be_ln_v():
     zero = replace_stats(S, mean=0.0, std=0.0, min=0.0, max=0.0, rms=0.0, zero_frac=1.0)
     assert ("loss-at-init", ERROR) in rules(trace_of({"lm_head.logits": zero}, losses=(5.0,)))
-    assert ("loss-at-init", ERROR) not in rules(trace_of({"lm_head.logits": zero}, losses=(math.log(256),)))
+    assert ("loss-at-init", ERROR) not in rules(trace_of({"lm_head.logits": zero}, losses=(LN_V,)))
 
 
 def test_loss_at_init_with_a_random_head_must_be_near_ln_v():
     assert ("loss-at-init", ERROR) in rules(trace_of(losses=(20.0,)))
-    assert rules(trace_of(losses=(math.log(256) * 1.05,))) == []
+    assert rules(trace_of(losses=(LN_V * 1.05,))) == []
 
 
-def test_divergence_and_spikes():
-    assert ("divergence", ERROR) in rules(trace_of(losses=(5.0, 4.0, 9.0)))
-    assert ("divergence", WARNING) in rules(trace_of(losses=(5.0, 2.0, 2.5, 4.5), stepped=False), spike_factor=2.0) or \
-        ("divergence", WARNING) in rules(trace_of(losses=(5.0, 2.0, 1.9, 4.5)))
+def divergences(trace, **th):
+    return [(a.severity, a.iteration) for a in detect(trace, Thresholds().updated(th)) if a.rule == "divergence"]
+
+
+def test_a_rise_over_one_optimizer_step_is_a_divergence_error():
+    assert divergences(trace_of(losses=(5.0, 4.0, 9.0))) == [(ERROR, 2)]
+
+
+def test_a_loss_above_twice_its_running_minimum_without_a_step_is_a_spike_warning():
+    # no iteration stepped (micro-steps): 4.5 is no rise over a step, but above 2 x the minimum 2.0
+    assert divergences(trace_of(losses=(5.0, 2.0, 2.5, 4.5), stepped=False), spike_factor=2.0) == [(WARNING, 3)]
+    assert divergences(trace_of(losses=(5.0, 2.0, 2.5, 3.9), stepped=False), spike_factor=2.0) == []
+
+
+def test_a_spike_right_after_a_step_is_the_rise_alone():
+    # 4.5 is above 1.5 x the previous stepped loss 1.9 and above 2 x the minimum: one error, no warning
+    assert divergences(trace_of(losses=(5.0, 2.0, 1.9, 4.5))) == [(ERROR, 3)]
 
 
 def test_softcap_bounds_and_saturation():
@@ -228,10 +251,10 @@ def test_thresholds_and_allow():
 
 
 def test_every_rule_is_documented_in_the_readme():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     for rule in RULES:
         assert f"`{rule}`" in readme, rule
-    for name in Thresholds.names():
+    for name in Thresholds().names():
         assert f"`{name}`" in readme, name
 
 
@@ -245,7 +268,7 @@ def test_messages_read_as_sentences():
 
 
 def test_the_report_gets_an_anomalies_section(capsys):
-    assert main(["show", str(SEED)]) == 0
+    assert main(["show", str(SEED_REPORT)]) == 0
     out = capsys.readouterr().out
     assert "ANOMALIES" in out and "`stuck-loss`" in out
     assert out.index("ANOMALIES") < out.index("TRAINING COMPLETE")

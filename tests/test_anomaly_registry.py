@@ -3,18 +3,26 @@ and this README check."""
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from pytest_gpttrace import anomalies
 from pytest_gpttrace.anomalies import (
-    ERROR, INFO, REGISTRY, RULES, WARNING, Anomaly, Severity, Thresholds, check_rules, detect, rule, with_where,
+    ERROR,
+    INFO,
+    REGISTRY,
+    RULES,
+    WARNING,
+    Anomaly,
+    Severity,
+    Thresholds,
+    check_rules,
+    detect,
+    rule,
+    with_where,
 )
 from pytest_gpttrace.traceio import read_trace
-
-ROOT = Path(__file__).parent.parent
-SEED = Path(__file__).parent / "data" / "seed_trace.md"
+from tests.paths import ROOT, SEED_REPORT
 
 
 def readme_rule_rows() -> dict[str, tuple[str, str]]:
@@ -42,9 +50,9 @@ def test_the_readme_rule_table_is_the_registry():
 
 def test_thresholds_are_the_rules_declarations():
     declared = {name: default for r in REGISTRY.values() for name, default in r.thresholds.items()}
-    assert Thresholds.names() == list(declared)
+    assert Thresholds().names() == list(declared)
     assert {name: getattr(Thresholds(), name) for name in declared} == declared
-    assert RULES == {r.id: r.description for r in REGISTRY.values()}
+    assert {r.id: r.description for r in REGISTRY.values()} == RULES
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), "nan", True, "high"])
@@ -84,11 +92,11 @@ def test_a_decorated_function_is_a_rule(monkeypatch):
         n = len(ctx.trace.iterations)
         return [Anomaly("long-run", WARNING, n - 1, "loss", f"{n} iterations", "a long run", "none")] if n > 2 else []
 
-    found = detect(read_trace(SEED), allow=["long-run"])
+    found = detect(read_trace(SEED_REPORT), allow=["long-run"])
     assert [(a.rule, a.severity) for a in found if a.rule == "long-run"] == [("long-run", INFO)]
     with pytest.raises(ValueError, match="registered twice"):
         rule(id="long-run", severity=ERROR, description="again")(long_run)
-    with pytest.raises(ValueError, match="threshold 'dead_relu_warn': default 0.5 in rule 'other'"):
+    with pytest.raises(ValueError, match=r"threshold 'dead_relu_warn': default 0\.5 in rule 'other'"):
         rule(id="other", severity=ERROR, description="x", thresholds={"dead_relu_warn": 0.5})(long_run)
 
 
@@ -104,7 +112,7 @@ def test_the_rule_context_is_computed_once_per_detect(monkeypatch):
 
     monkeypatch.setattr(anomalies, "_vocab_size", counted("vocab", vocab))
     monkeypatch.setattr(anomalies, "_zero_init", counted("zero_init", zero_init))
-    found = detect(read_trace(SEED))
+    found = detect(read_trace(SEED_REPORT))
     assert calls == {"vocab": 1, "zero_init": 1}
     assert [(a.rule, a.severity) for a in found] == [("stuck-loss", ERROR), ("zero-schedule", INFO),
                                                      ("zero-schedule", INFO)]

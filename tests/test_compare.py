@@ -5,22 +5,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_gpttrace.compare import (
-    EXACT, STATISTICAL, Override, Profile, Tolerance, compare, get_profile, parse_override,
+    EXACT,
+    STATISTICAL,
+    Override,
+    Profile,
+    Tolerance,
+    compare,
+    get_profile,
+    parse_override,
 )
 from pytest_gpttrace.report import render_comparison
-from pytest_gpttrace.trace import Iteration, TensorStats, Trace, replace_stats
+from pytest_gpttrace.trace import STAT_FIELDS, Trace, replace_stats
+from tests.builders import make_iteration as it
+from tests.builders import make_stats
 from tests.strategies import moderate, traces
 
-S = TensorStats((4,), "torch.float32", "cpu", 4, 0.5, 1.0, -1.0, 2.0, 1.2, 0.25)
-Z = TensorStats((4,), "torch.float32", "cpu", 4, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+S = make_stats((4,), mean=0.5, std=1.0, min=-1.0, max=2.0, rms=1.2, zero_frac=0.25)
+Z = make_stats((4,), mean=0.0, std=0.0, min=0.0, max=0.0, rms=0.0, zero_frac=1.0)  # all zero
 
 
 def trace(*iterations):
     return Trace({}, {}, tuple(iterations))
-
-
-def it(i=0, loss=1.0, forward=None, grads=None, params=None):
-    return Iteration(i, loss, True, {}, forward or {}, grads or {}, params or {})
 
 
 @given(traces())
@@ -31,7 +36,7 @@ def test_comparison_is_reflexive(t):
 @given(moderate, st.floats(0, 1e3), st.floats(0, 0.5), st.floats(0, 1.0))
 def test_the_rule_flips_exactly_at_the_tolerance(golden, atol, rtol, rms_atol):
     tol = Tolerance(atol=atol, rtol=rtol, rms_atol=rms_atol)
-    profile = Profile("t", {k: tol for k in ("mean", "std", "min", "max", "rms", "zero_frac")}, tol)
+    profile = Profile("t", dict.fromkeys(STAT_FIELDS, tol), tol)
     g = replace_stats(S, std=golden)
     allowed = tol.allowed(golden, g.rms)
     inside = golden + allowed
@@ -63,7 +68,7 @@ def test_mismatches_come_in_execution_order():
         (1, "forward", "a", "min"),
         (1, "loss", "loss", "loss"),
     ]
-    assert result.first.where == "b (forward), iteration 0"
+    assert result.first is not None and result.first.where == "b (forward), iteration 0"
 
 
 def test_exact_zero_ness_always_counts():
@@ -73,9 +78,9 @@ def test_exact_zero_ness_always_counts():
 
 
 def test_shape_dtype_counts_and_presence():
-    other = TensorStats((2, 2), "torch.bfloat16", "cpu", 4, 0.5, 1.0, -1.0, 2.0, 1.2, 0.25, nan=1)
-    result = compare(trace(it(forward={"x": S, "gone": S}, params={"p": S})),
-                     trace(it(forward={"x": other, "new": S}, params={"p": None})))
+    other = replace_stats(S, shape=(2, 2), dtype="torch.bfloat16", nan=1)
+    result = compare(trace(it(forward={"x": S, "gone": S}, param_grads={"p": S})),
+                     trace(it(forward={"x": other, "new": S}, param_grads={"p": None})))
     stats = [(m.stage, m.stat) for m in result.mismatches]
     assert stats == [("x", "shape"), ("x", "dtype"), ("x", "nan"), ("gone", "presence"), ("new", "presence"),
                      ("p", "presence")]
@@ -95,9 +100,9 @@ def test_missing_iterations_are_reported():
 
 
 def test_statistical_profile_skips_input_ids_and_the_loss_shape():
-    ids = TensorStats((1, 8), "torch.int32", "cpu", 8, 100.0, 5.0, 1.0, 900.0, 100.1, 0.0)
-    loss1 = TensorStats((1,), "torch.float32", "cpu", 1, 11.0, 0.0, 11.0, 11.0, 11.0, 0.0)
-    loss0 = TensorStats((), "torch.float32", "cpu", 1, 11.0, 0.0, 11.0, 11.0, 11.0, 0.0)
+    ids = make_stats((1, 8), dtype="torch.int32", mean=100.0, std=5.0, min=1.0, max=900.0, rms=100.1, zero_frac=0.0)
+    loss1 = make_stats((1,), mean=11.0, std=0.0, min=11.0, max=11.0, rms=11.0, zero_frac=0.0)
+    loss0 = replace_stats(loss1, shape=())
     golden = trace(it(forward={"inputs.idx": ids, "loss": loss1}))
     obtained = trace(it(forward={"inputs.idx": replace_stats(ids, mean=4000.0), "loss": loss0}))
     assert compare(golden, obtained, STATISTICAL).ok
@@ -159,7 +164,7 @@ def test_provenance_not_the_environment_says_how_precise_and_how_complete_a_trac
     from pytest_gpttrace.trace import Provenance
 
     golden = trace(it(0, 1.0, {"x": S}))
-    obtained = trace(it(0, 1.0 + 4e-4, {"x": replace_stats(S, mean=S.mean + 4e-4), "y": S}))
+    obtained = trace(it(0, 1.0 + 4e-4, {"x": replace_stats(S, mean=0.5 + 4e-4), "y": S}))  # S.mean is 0.5
     assert {m.stat for m in compare(golden, obtained, EXACT).mismatches} == {"mean", "loss", "presence"}
     labelled = replace(golden, environment={"source": "markdown"})  # a label only: it changes nothing
     assert compare(labelled, obtained, EXACT).mismatches == compare(golden, obtained, EXACT).mismatches

@@ -60,7 +60,7 @@ def test_undithered_blocks_see_exact_results():
 def test_a_dithered_training_step_keeps_exact_zeros_and_the_tool_measures_exactly():
     """lm_head and c_proj start at zero: their outputs stay exactly zero under the dither (0 * (1 + e)
     is 0), and the capture's zero counts are not dithered either."""
-    model, batches, opts = tiny_reference()
+    model, batches, _ = tiny_reference()
     idx, targets = next(batches)
     with KernelDither(5), capture(model) as cap:
         loss = model(idx, targets)
@@ -86,7 +86,7 @@ def test_a_dithered_capture_leaves_the_compiled_statistics_path_to_later_ones(mo
 
     monkeypatch.setattr(stats, "_COMPILED", stats._Compiled())  # a process that has not probed yet
     monkeypatch.setenv(stats.ENV_VAR, "auto")
-    model, batches, opts = tiny_reference()
+    model, _, _ = tiny_reference()
     with KernelDither(2), capture(model) as cap:
         pass
     assert cap.stats_path == "eager" and "TorchDispatchMode" in cap.stats_note

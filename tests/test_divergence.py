@@ -1,31 +1,16 @@
 """One-line changes of the reference model's math fail against the shipped goldens, and the first
 divergence named is where the change acts."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 import reference_model.gpt as gpt
-from pytest_gpttrace import trace_training
 from pytest_gpttrace.compare import STATISTICAL, compare
-from pytest_gpttrace.golden import golden_relpath
 from pytest_gpttrace.report import render_comparison
 from pytest_gpttrace.trace import load
-from reference_model import GPT, GPTConfig, optimizers, synthetic_batches
-from tests.test_traces import TINY
-
-ROOT = Path(__file__).parent.parent
-SEED_GOLDEN = ROOT / "golden" / golden_relpath("tests/test_traces.py::test_reference_model_at_the_seed_config")
-TINY_GOLDEN = ROOT / "golden" / golden_relpath("tests/test_traces.py::test_reference_model_tiny[tiny]")
-SEED_REPORT = Path(__file__).parent / "data" / "seed_trace.md"
-
-
-def trace_reference(config, iterations, seed=42):
-    model = GPT(config, seed=seed)
-    # the step after the last iteration changes nothing a trace sees: skip it where it is costly
-    opts = optimizers(model) if iterations > 1 else None
-    return trace_training(model, synthetic_batches(config, seed=seed), opts, iterations=iterations)
+from reference_model import GPTConfig
+from tests.models import TINY_GOLDEN_CONFIG, trace_reference
+from tests.paths import SEED_GOLDEN, SEED_REPORT, TINY_GOLDEN
 
 
 def test_flipped_rope_sin_diverges_first_at_q_rope_in_iteration_0(monkeypatch):
@@ -36,6 +21,7 @@ def test_flipped_rope_sin_diverges_first_at_q_rope_in_iteration_0(monkeypatch):
 
     monkeypatch.setattr(gpt, "apply_rotary_emb", flipped)
     result = compare(load(SEED_GOLDEN), trace_reference(GPTConfig.from_depth(4), iterations=1))
+    assert result.first is not None
     assert (result.first.iteration, result.first.section, result.first.stage) == (0, "forward", "blocks.0.attn.q_rope")
     first_line = render_comparison(result, golden_name=str(SEED_GOLDEN))[0]
     assert "first divergence: blocks.0.attn.q_rope (forward), iteration 0" in first_line
@@ -44,8 +30,9 @@ def test_flipped_rope_sin_diverges_first_at_q_rope_in_iteration_0(monkeypatch):
 def test_softcap_15_5_diverges_first_at_softcap_in_iteration_1(monkeypatch):
     original = gpt.softcap
     monkeypatch.setattr(gpt, "softcap", lambda logits, cap: original(logits, 15.5))  # was: cap (15)
-    result = compare(load(TINY_GOLDEN), trace_reference(TINY, iterations=2))
+    result = compare(load(TINY_GOLDEN), trace_reference(TINY_GOLDEN_CONFIG, iterations=2))
     # iteration 0 matches: the logits are exactly zero, so the cap cannot act there
+    assert result.first is not None
     assert (result.first.iteration, result.first.section, result.first.stage) == (1, "forward", "lm_head.softcap")
 
 
@@ -54,7 +41,7 @@ def test_the_tiny_golden_passes_with_1_and_2_threads(threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        trace = trace_reference(TINY, iterations=3)
+        trace = trace_reference(TINY_GOLDEN_CONFIG, iterations=3)
     finally:
         torch.set_num_threads(before)
     result = compare(load(TINY_GOLDEN), trace)

@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 
 from pytest_gpttrace.folders import folder_conflict
 from pytest_gpttrace.golden import MAX_NAME_BYTES, golden_relpath
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import GOLDEN_DIR, SEED_GOLDEN, TINY_GOLDEN
 
 
 @pytest.mark.parametrize("nodeid, expected", [
@@ -30,8 +29,11 @@ def test_plain_lowercase_ids_keep_their_paths(nodeid, expected):
 def test_the_shipped_goldens_are_where_their_ids_point():
     for name in ("test_reference_model_at_the_seed_config", "test_reference_model_tiny[tiny]",
                  "test_reference_model_tiny_gradient_accumulation[tiny]"):
-        path = ROOT / "golden" / golden_relpath(f"tests/test_traces.py::{name}")
+        path = GOLDEN_DIR / golden_relpath(f"tests/test_traces.py::{name}")
         assert path.is_file(), path
+    # the paths the other tests read are these
+    assert GOLDEN_DIR / golden_relpath("tests/test_traces.py::test_reference_model_at_the_seed_config") == SEED_GOLDEN
+    assert GOLDEN_DIR / golden_relpath("tests/test_traces.py::test_reference_model_tiny[tiny]") == TINY_GOLDEN
 
 
 def test_a_device_type_goes_into_the_name():

@@ -22,12 +22,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import reference_model
 import reference_model.gpt as gpt
-import tests.test_divergence as divergence
+import tests.models
 from pytest_gpttrace.compare import compare
 from pytest_gpttrace.trace import load
-from tests.test_divergence import TINY_GOLDEN, trace_reference
-from tests.test_traces import TINY
+from tests.models import TINY_GOLDEN_CONFIG, trace_reference
+from tests.paths import TINY_GOLDEN
 
 MARGIN = 10  # the first difference is at least this many times its allowance
 
@@ -46,14 +47,14 @@ def after_init(monkeypatch, change):
 
 def after_optimizers(monkeypatch, change):
     """Apply change(adamw, muon) to the optimizers trace_reference builds (via its module's name)."""
-    original = divergence.optimizers
+    original = reference_model.optimizers
 
     def optimizers(model):
         opts = original(model)
         change(*opts)
         return opts
 
-    monkeypatch.setattr(divergence, "optimizers", optimizers)
+    monkeypatch.setattr(tests.models, "optimizers", optimizers)
 
 
 def mlp_forward(act=F.relu, square=True):
@@ -87,7 +88,7 @@ def norm_eps(mp):
 
 def rope_base_500(mp):
     # the tables are built at construction and pass rope.cos first (cos is 1 only at position 0)
-    return dataclasses.replace(TINY, rope_base=500.0)  # was: 10000
+    return dataclasses.replace(TINY_GOLDEN_CONFIG, rope_base=500.0)  # was: 10000
 
 
 def rope_cos_sin_swapped(mp):
@@ -96,14 +97,14 @@ def rope_cos_sin_swapped(mp):
 
 
 def attention_scale_dropped(mp):
-    # the scores are no longer divided by sqrt(head_dim); gpt calls F.scaled_dot_product_attention
+    # the scores are no longer divided by sqrt(head_dim); gpt calls F.scaled_dot_product_attention (torch's)
     original = F.scaled_dot_product_attention
-    mp.setattr(gpt.F, "scaled_dot_product_attention", lambda q, k, v, **kw: original(q, k, v, scale=1.0, **kw))
+    mp.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: original(q, k, v, scale=1.0, **kw))
 
 
 def causal_mask_removed(mp):
     original = F.scaled_dot_product_attention
-    mp.setattr(gpt.F, "scaled_dot_product_attention",
+    mp.setattr(F, "scaled_dot_product_attention",
                lambda q, k, v, is_causal, **kw: original(q, k, v, is_causal=False, **kw))  # was: True
 
 
@@ -232,17 +233,18 @@ CASES = [
 
 @pytest.mark.parametrize(("change", "expected"), CASES, ids=[c.__name__.replace("_", "-") for c, _ in CASES])
 def test_a_one_line_change_diverges_first_where_it_acts(monkeypatch, change, expected):
-    config = change(monkeypatch) or TINY
+    config = change(monkeypatch) or TINY_GOLDEN_CONFIG
     result = compare(load(TINY_GOLDEN), trace_reference(config, iterations=expected[0] + 1))
-    assert not result.ok
     first = result.first
+    assert not result.ok and first is not None
     assert (first.iteration, first.section, first.stage) == expected, first
     if first.stat == "zeros":  # exact zero-ness has no allowance: it matches or not
         assert first.golden == "all zero"
     else:
+        assert first.difference is not None and first.allowed is not None, first
         assert first.difference > MARGIN * first.allowed, first
 
 
 def test_the_unchanged_model_passes():
-    result = compare(load(TINY_GOLDEN), trace_reference(TINY, iterations=3))
+    result = compare(load(TINY_GOLDEN), trace_reference(TINY_GOLDEN_CONFIG, iterations=3))
     assert result.ok, [m.where for m in result.mismatches[:5]]

@@ -4,7 +4,8 @@ in a fresh process. And the shipped goldens hold under every cap."""
 
 import pytest
 
-from tests.platforms import ROOT, TINY_TEST, cap_param, make_project, output, run_pytest, supported_caps
+from tests.paths import ROOT
+from tests.platforms import TINY_TEST, cap_param, make_project, output, run_pytest, supported_caps
 
 
 @pytest.fixture

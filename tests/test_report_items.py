@@ -4,21 +4,11 @@ import json
 import re
 from dataclasses import replace
 
-import pytest
-
-# In-process pytester runs unload the modules a run imported, and torch cannot be imported twice:
-# import torch, and let one tiny step pull in what torch imports lazily, before any run.
-import pytest_gpttrace.golden  # noqa: F401
 from pytest_gpttrace.compare import compare
 from pytest_gpttrace.report import out_of_tolerance, render_comparison, render_drift, traced_tensors
 from pytest_gpttrace.trace import load
-from pytest_gpttrace.tracer import trace_training
-from tests.projects import CONFTEST, TEST_FILE, ROOT, TINY_GOLDEN
-from tests.models import tiny_reference
-
-trace_training(*tiny_reference(), iterations=1)
-
-pytest_plugins = ["pytester"]
+from tests.paths import ROOT, TINY_GOLDEN
+from tests.projects import GOLDEN, TEST_FILE, run, run_subprocess
 
 
 def moved(trace, factor=1.5, sections=("forward", "stage_grads", "param_grads")):
@@ -70,20 +60,6 @@ def test_the_rows_left_out_say_how_to_see_them_all():
 
 
 # --------------------------------------------------------------------------- through the plugin
-@pytest.fixture
-def project(pytester, monkeypatch):
-    monkeypatch.delenv("CI", raising=False)
-    monkeypatch.delenv("GPTTRACE_STATS_PATH", raising=False)
-    pytester.makeini("[pytest]\ngpt_trace_calibration = false\n")
-    pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(test_model=TEST_FILE)
-    return pytester
-
-
-def run(pytester, *args):
-    return pytester.runpytest_inprocess("-p", "no:cacheprovider", *args)
-
-
 def test_the_summary_names_the_written_golden_once(project):
     result = run(project, "--update-golden")
     result.assert_outcomes(passed=1)
@@ -97,7 +73,7 @@ def test_the_summary_names_the_written_golden_once(project):
 
 def test_the_summary_and_the_headline_count_in_one_unit(project):
     run(project, "--update-golden").assert_outcomes(passed=1)
-    golden = project.path / "golden" / "test_model" / "test_model.json"
+    golden = project.path / GOLDEN
     doc = json.loads(golden.read_text())
     doc["iterations"][0]["forward"]["blocks.1.attn.q_rope"]["std"] *= 1.01
     golden.write_text(json.dumps(doc))
@@ -115,6 +91,6 @@ def test_a_failing_traced_test_shows_no_compiler_log_records(project, monkeypatc
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # this checkout's plugin in the child process
     # a fresh process: the statistics kernel compiles during this run's fixture setup
     project.makepyfile(test_model=TEST_FILE.replace("assert gpt_trace == gpt_golden", "assert False"))
-    result = project.runpytest_subprocess("-p", "no:cacheprovider", "--gpt-trace")
+    result = run_subprocess(project, "--gpt-trace")
     result.assert_outcomes(failed=1)
     assert "torch.__trace" not in result.stdout.str()  # before: dozens of empty DEBUG lines under "Captured log setup"

@@ -4,46 +4,23 @@ one line naming them; a string where a list is expected is one entry."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-# In-process pytester runs unload the modules a run imported, and torch cannot be imported twice:
-# import torch, and let one tiny step pull in what torch imports lazily, before any run.
-import pytest_gpttrace.golden  # noqa: F401
-from pytest_gpttrace.tracer import trace_training
-from tests.models import tiny_reference
-
-trace_training(*tiny_reference(), iterations=1)
-
-pytest_plugins = ["pytester"]
-
-ROOT = Path(__file__).parent.parent
-SEED = Path(__file__).parent / "data" / "seed_trace.md"
-
-CONFTEST = """
-import pytest
-from reference_model import GPTConfig
-
-@pytest.fixture
-def gpt_config():
-    return GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=16)
-"""
-
-INI = "[pytest]\ngpt_trace_calibration = false\n"
+from tests import projects
+from tests.paths import ROOT, SEED_REPORT
+from tests.projects import NO_CALIBRATION, user_project
 
 
 @pytest.fixture
 def project(pytester, monkeypatch):
-    monkeypatch.delenv("CI", raising=False)
-    monkeypatch.delenv("GPTTRACE_STATS_PATH", raising=False)
-    pytester.makeini(INI)
-    pytester.makeconftest(CONFTEST)
-    return pytester
+    """The user project without a test file: each test writes its own."""
+    return user_project(pytester, monkeypatch, test_file=None)
 
 
 def run(pytester, *args):
-    return pytester.runpytest_inprocess("-p", "no:cacheprovider", "--gpt-trace", *args)
+    """pytest --gpt-trace ARGS in the project, in this process."""
+    return projects.run(pytester, "--gpt-trace", *args)
 
 
 def marked(arguments: str, body: str = "pass", fixtures: str = "gpt_trace") -> str:
@@ -120,7 +97,7 @@ def test_the_largest_torch_seed_is_accepted(project):
 
 
 def test_a_misspelt_statistic_in_the_ini_tolerances_is_a_usage_error(project):
-    project.makeini(INI + "gpt_trace_tolerances = blocks.* mena atol=1e-3\n")
+    project.makeini(NO_CALIBRATION + "gpt_trace_tolerances = blocks.* mena atol=1e-3\n")
     project.makepyfile(test_m=marked("iterations=1"))
     result = run(project)
     assert result.ret == 4
@@ -129,7 +106,7 @@ def test_a_misspelt_statistic_in_the_ini_tolerances_is_a_usage_error(project):
 
 
 def test_a_non_finite_ini_threshold_is_a_usage_error(project):
-    project.makeini(INI + "gpt_trace_thresholds = dead_relu_warn = nan\n")
+    project.makeini(NO_CALIBRATION + "gpt_trace_thresholds = dead_relu_warn = nan\n")
     project.makepyfile(test_m=marked("iterations=1"))
     result = run(project)
     assert result.ret == 4
@@ -150,7 +127,7 @@ def test_an_unknown_statistics_path_is_a_usage_error(project, monkeypatch):
 def test_check_refuses_a_non_finite_threshold():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for value in ("nan", "inf", "-inf"):
-        done = subprocess.run([sys.executable, "-m", "pytest_gpttrace.cli", "check", str(SEED),
+        done = subprocess.run([sys.executable, "-m", "pytest_gpttrace.cli", "check", str(SEED_REPORT),
                                "--threshold", f"dead_relu_warn={value}"],
                               capture_output=True, text=True, env=env, cwd=ROOT)
         assert done.returncode == 2, done.stdout + done.stderr
@@ -168,4 +145,4 @@ def test_it(gpt_trace):
     pass
 """)
     run(project).assert_outcomes(skipped=1)
-    project.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(skipped=1)  # without --gpt-trace
+    projects.run(project).assert_outcomes(skipped=1)  # without --gpt-trace

@@ -5,7 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pytest_gpttrace import capture, stats, trace_training
 from pytest_gpttrace.errors import CaptureError
 from pytest_gpttrace.tracer import select_stages
-from tests.models import TINY, UserGPT, tiny_reference, user_batches
+from tests.models import SMALL_CONFIG, UserGPT, tiny_reference, user_batches
 
 
 class CountItemCalls(TorchDispatchMode):
@@ -47,7 +47,7 @@ def test_reference_model_trace_has_every_stage_in_execution_order():
     names = list(it.forward)
     assert names[:6] == ["inputs.idx", "inputs.targets", "embed.wte", "embed.norm", "rope.cos", "rope.sin"]
     assert names[-4:] == ["final_norm", "lm_head.logits", "lm_head.softcap", "loss"]
-    assert len(names) == 6 + 19 * TINY.n_layer + 4
+    assert len(names) == 6 + 19 * SMALL_CONFIG.n_layer + 4
     grads = list(it.stage_grads)
     assert grads[0] == "loss" and grads[1] == "lm_head.softcap"  # backward order
     assert "inputs.idx" not in grads and "rope.cos" not in grads  # no gradient flows there
@@ -56,7 +56,7 @@ def test_reference_model_trace_has_every_stage_in_execution_order():
     assert trace.config["n_layer"] == 2 and trace.model == "GPT"
     assert trace.environment["device_type"] == "cpu"
     assert trace.environment["stats_path"] == stats.prepare()[0]  # the path this machine can run
-    assert trace.parameters["lm_head.weight"] == (TINY.vocab_size, TINY.n_embd)
+    assert trace.parameters["lm_head.weight"] == (SMALL_CONFIG.vocab_size, SMALL_CONFIG.n_embd)
     # the zero-init pattern, seen through the trace
     assert it.forward["blocks.0.attn.out"].all_zero and it.forward["lm_head.logits"].all_zero
     assert it.param_grads["wte.weight"].all_zero and not it.param_grads["lm_head.weight"].all_zero

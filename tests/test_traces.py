@@ -5,9 +5,7 @@ Regenerate after an intended change of the reference model: pytest --update-gold
 
 import pytest
 
-from reference_model import GPTConfig
-
-TINY = GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+from tests.models import TINY_GOLDEN_CONFIG
 
 
 @pytest.mark.gpt_trace(iterations=3, seed=42)
@@ -17,13 +15,13 @@ def test_reference_model_at_the_seed_config(gpt_trace, gpt_golden):
 
 
 @pytest.mark.gpt_trace(iterations=3, seed=42)
-@pytest.mark.parametrize("gpt_config", [TINY], ids=["tiny"])
+@pytest.mark.parametrize("gpt_config", [TINY_GOLDEN_CONFIG], ids=["tiny"])
 def test_reference_model_tiny(gpt_trace, gpt_golden):
     assert gpt_trace == gpt_golden
 
 
 @pytest.mark.gpt_trace(iterations=4, seed=7, micro_steps=2)
-@pytest.mark.parametrize("gpt_config", [TINY], ids=["tiny"])
+@pytest.mark.parametrize("gpt_config", [TINY_GOLDEN_CONFIG], ids=["tiny"])
 def test_reference_model_tiny_gradient_accumulation(gpt_trace, gpt_golden):
     assert [it.stepped for it in gpt_trace.iterations] == [False, True, False, True]
     assert gpt_trace == gpt_golden
