@@ -4,7 +4,7 @@ number is which."""
 import math
 from collections.abc import Mapping
 
-from pytest_gpttrace.trace import Iteration, TensorStats
+from pytest_gpttrace.trace import Iteration, TensorStats, Trace
 
 
 def make_stats(
@@ -40,3 +40,16 @@ def make_iteration(
     """One iteration of a trace; sections not given are empty."""
     return Iteration(index=index, loss=loss, stepped=stepped, lr=dict(lr or {}), forward=dict(forward or {}),
                      stage_grads=dict(stage_grads or {}), param_grads=dict(param_grads or {}))
+
+
+def losses(trace: Trace) -> list[float]:
+    """Every iteration's loss; a trace without one fails the test here."""
+    out = [it.loss for it in trace.iterations]
+    assert None not in out, f"an iteration without a loss: {out}"
+    return [loss for loss in out if loss is not None]
+
+
+def stage(stats: TensorStats | None) -> TensorStats:
+    """A stage's statistics that must be there (``None`` marks a tensor without them)."""
+    assert stats is not None, "no statistics recorded"
+    return stats

@@ -259,6 +259,6 @@ def test_without_a_usable_replay_the_golden_is_written_without_a_band(tmp_path):
     golden = GoldenTrace("t.py::test", tmp_path / "golden", tmp_path / "results", tmp_path, update=True,
                          calibrator=lambda t: Calibrated(failed, 1.0))
     assert golden == obtained
-    assert not load(golden.path).calibrated
+    assert golden.path is not None and not load(golden.path).calibrated
     assert golden.calibration_note is not None
     assert golden.calibration_note.startswith("NOT calibrated, no usable replay")

@@ -68,7 +68,8 @@ def test_a_dithered_training_step_keeps_exact_zeros_and_the_tool_measures_exactl
         cap.end_iteration(loss=loss)
     forward = cap.trace().iterations[0].forward
     assert forward["blocks.0.mlp.out"].all_zero and forward["lm_head.logits"].all_zero
-    assert forward["blocks.0.mlp.relu2"].zero_frac < 1
+    zero_frac = forward["blocks.0.mlp.relu2"].zero_frac
+    assert zero_frac is not None and zero_frac < 1
 
 
 def test_an_additive_mask_keeps_its_infinities():
@@ -89,7 +90,7 @@ def test_a_dithered_capture_leaves_the_compiled_statistics_path_to_later_ones(mo
     model, _, _ = tiny_reference()
     with KernelDither(2), capture(model) as cap:
         pass
-    assert cap.stats_path == "eager" and "TorchDispatchMode" in cap.stats_note
+    assert cap.stats_path == "eager" and "TorchDispatchMode" in (cap.stats_note or "")
     assert stats._COMPILED.probed == {} and stats._COMPILED.failures == {}
     with capture(model) as cap:
         pass

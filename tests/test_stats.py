@@ -82,7 +82,7 @@ def test_nan_and_inf_are_counted():
 
 
 def test_a_batch_reads_back_in_order_with_missing_slots():
-    batch = StatsBatch()
+    batch: StatsBatch[str, str] = StatsBatch()
     batch.add("a", torch.ones(3))
     batch.add_missing("none")
     batch.add("empty", torch.empty(0))
@@ -115,7 +115,7 @@ def test_the_same_tensor_twice_is_summarised_once_unless_modified(monkeypatch):
         return real(x, path)
 
     monkeypatch.setattr(stats, "stats_vector", counted)
-    batch = StatsBatch()
+    batch: StatsBatch[str, str] = StatsBatch()
     x = torch.arange(6.0)
     batch.add("a", x)
     batch.add("a_again", x)  # a tap whose output is another tap's output

@@ -5,6 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pytest_gpttrace import capture, stats, trace_training
 from pytest_gpttrace.errors import CaptureError
 from pytest_gpttrace.tracer import select_stages
+from tests.builders import losses, stage
 from tests.models import SMALL_CONFIG, UserGPT, tiny_reference, user_batches
 
 
@@ -59,16 +60,16 @@ def test_reference_model_trace_has_every_stage_in_execution_order():
     assert trace.parameters["lm_head.weight"] == (SMALL_CONFIG.vocab_size, SMALL_CONFIG.n_embd)
     # the zero-init pattern, seen through the trace
     assert it.forward["blocks.0.attn.out"].all_zero and it.forward["lm_head.logits"].all_zero
-    assert it.param_grads["wte.weight"].all_zero and not it.param_grads["lm_head.weight"].all_zero
-    assert trace.iterations[1].loss < trace.iterations[0].loss
+    assert stage(it.param_grads["wte.weight"]).all_zero and not stage(it.param_grads["lm_head.weight"]).all_zero
+    assert losses(trace)[1] < losses(trace)[0]
 
 
 def test_micro_steps_are_told_apart_from_optimizer_steps():
     model, batches, opts = tiny_reference()
     trace = trace_training(model, batches, opts, iterations=4, micro_steps=2)
     assert [it.stepped for it in trace.iterations] == [False, True, False, True]
-    losses = [it.loss for it in trace.iterations]
-    assert losses[0] == losses[1] and losses[2] < losses[1]  # the same batch, no step in between
+    loss = losses(trace)
+    assert loss[0] == loss[1] and loss[2] < loss[1]  # the same batch, no step in between
 
 
 def test_a_loop_without_optimizers_never_steps():
@@ -92,8 +93,8 @@ def test_user_model_without_taps_is_traced_per_leaf_module():
     # its gradient is recorded with the output's shape (T, d), the batch of one summed out
     pos_grad = it.stage_grads["pos_emb"]
     assert pos_grad.shape == (16, 16) and pos_grad.mean == pytest.approx(it.stage_grads["tok_emb"].mean, rel=1e-6)
-    assert it.param_grads["head.weight"].numel == 64 * 16
-    assert it.loss == pytest.approx(trace.iterations[0].loss) and trace.iterations[1].loss < it.loss
+    assert stage(it.param_grads["head.weight"]).numel == 64 * 16
+    assert losses(trace)[1] < losses(trace)[0]
     assert trace.config == {} and trace.model == "UserGPT"
 
 
@@ -145,7 +146,7 @@ def test_a_model_with_no_stages_is_refused_clearly():
 def test_a_replacing_hook_still_changes_the_model_under_capture():
     model, batches, _ = tiny_reference()
     idx, targets = next(batches)
-    model.blocks[0].mlp.relu2.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    model.get_submodule("blocks.0.mlp.relu2").register_forward_hook(lambda m, i, o: torch.zeros_like(o))
     with capture(model) as cap:
         loss = model(idx, targets)
         loss.backward()
