@@ -201,15 +201,6 @@ def _block_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _rms(s: TensorStats) -> float | None:
-    if s.rms is not None:
-        return s.rms
-    if s.mean is not None and s.std is not None and s.numel:
-        var = s.std**2 * ((s.numel - 1) / s.numel if s.numel > 1 else 0.0)
-        return math.sqrt(s.mean**2 + var)
-    return None
-
-
 def _known_zero(s: TensorStats | None) -> bool:
     return s is not None and s.all_zero
 
@@ -587,7 +578,7 @@ def norm_invariant(ctx: Context) -> list[Anomaly]:
         for name, s in it.forward.items():
             if not any(fnmatch.fnmatchcase(name, p) for p in NORM_PATTERNS) or not s.finite or s.all_zero:
                 continue  # an all-zero input normalises to zero: the stage feeding it is the story
-            rms = _rms(s)
+            rms = s.rms_estimate
             tol = th.norm_rms_tol * (10 if s.dtype in ("torch.bfloat16", "torch.float16") else 1)
             # rows that are exactly zero (padding, a zeroed position) stay zero: rms^2 = share of nonzero rows
             expected = math.sqrt(max(0.0, 1.0 - (s.zero_frac or 0.0)))
@@ -616,7 +607,7 @@ def rope_invariant(ctx: Context) -> list[Anomaly]:
                 before = it.forward.get(name[: -len(suffix)] + src)
                 if before is None:
                     continue
-                a, b = _rms(before), _rms(s)
+                a, b = before.rms_estimate, s.rms_estimate
                 if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
                     continue
                 if abs(b - a) > th.rope_rtol * a + 1e-12:
@@ -648,7 +639,7 @@ def softcap(ctx: Context) -> list[Anomaly]:
                                "the cap is not applied (or applied before another scaling)",
                                "apply logits = cap * tanh(logits / cap) last"))
             continue
-        rms = _rms(s)
+        rms = s.rms_estimate
         if rms is not None and rms / cap > th.softcap_saturation:
             out.append(Anomaly("softcap", WARNING, i, "lm_head.softcap",
                                f"the softcapped logits are saturated: rms {rms:.3f} is {rms / cap:.0%} of the cap "
@@ -706,7 +697,7 @@ def gradient_growth(ctx: Context) -> list[Anomaly]:
     for i, it in enumerate(trace.iterations):
         series = _layer_series(it, Section.STAGE_GRADS)
         for (_, n0, s0), (_, n1, s1) in itertools.pairwise(series):
-            a, c = _rms(s0), _rms(s1)
+            a, c = s0.rms_estimate, s1.rms_estimate
             if not a or not c or not (math.isfinite(a) and math.isfinite(c)):
                 continue
             ratio = a / c  # gradients flow from later to earlier layers

@@ -310,18 +310,9 @@ def _close(golden: float, obtained: float, tol: Tolerance, golden_rms: float | N
     return abs(obtained - golden) <= allowed, allowed
 
 
-def _scale(s: TensorStats) -> float | None:
-    """The stage's rms; from mean and std when the rms was not recorded (a parsed report)."""
-    if s.rms is not None:
-        return s.rms
-    if s.mean is not None and s.std is not None:
-        return math.hypot(s.mean, s.std)
-    return None
-
-
 def _calibrated_allowed(profile: Profile, stat: str, g: TensorStats, band: float | None) -> float:
     floor_tol = profile.tolerances.get(stat)
-    floor = floor_tol.allowed(getattr(g, stat), _scale(g)) if floor_tol is not None \
+    floor = floor_tol.allowed(getattr(g, stat), g.rms_estimate) if floor_tol is not None \
         else profile.floor * scale(stat, g)
     return max(floor, profile.band_k * (band or 0.0))
 
@@ -367,7 +358,7 @@ def compare_stats(iteration: int, section: Section | str, stage: str, g: TensorS
         if profile.calibrated and profile.override(stage, stat) is None:
             band = (bands or {}).get(stat, 0.0)
             tol = Tolerance(atol=_calibrated_allowed(profile, stat, g, band) + quantum)
-        ok, allowed = _close(gv, ov, tol, _scale(g))
+        ok, allowed = _close(gv, ov, tol, g.rms_estimate)
         if worst is not None and math.isfinite(gv) and math.isfinite(ov):
             worst.see(abs(ov - gv), allowed, iteration, section, stage, stat)
         if not ok:

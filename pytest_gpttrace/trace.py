@@ -143,6 +143,17 @@ class TensorStats:
         return value
 
     @property
+    def rms_estimate(self) -> float | None:
+        """The rms, or where it was not recorded (a parsed report) the one mean and std imply:
+        sqrt(mean² + population variance), the population variance being std²·(n-1)/n."""
+        if self.rms is not None:
+            return self.rms
+        if self.mean is None or self.std is None or not self.numel:
+            return None
+        variance = self.std**2 * ((self.numel - 1) / self.numel if self.numel > 1 else 0.0)
+        return math.sqrt(self.mean**2 + variance)
+
+    @property
     def l2_norm(self) -> float | None:
         return None if self.rms is None else self.rms * math.sqrt(self.numel)
 

@@ -12,8 +12,7 @@ import pytest
 from pytest_gpttrace import markdown
 from pytest_gpttrace.cli import main
 from pytest_gpttrace.trace import load
-
-SEED = Path(__file__).parent / "data" / "seed_trace.md"
+from tests.paths import SEED_GOLDEN, SEED_REPORT
 
 
 def known(value: float | None) -> float:
@@ -40,7 +39,7 @@ def seed_config_run(tmp_path_factory):
 
 def test_run_reproduces_the_seed_structure(seed_config_run):
     trace, md = seed_config_run
-    ours, seed = first_iteration_blocks(md), first_iteration_blocks(SEED.read_text())
+    ours, seed = first_iteration_blocks(md), first_iteration_blocks(SEED_REPORT.read_text())
     assert len(seed) == 117
     assert ours == seed
     first = trace.iterations[0]
@@ -69,7 +68,7 @@ def test_run_prints_markdown_to_stdout_and_the_loss_decreases():
 
 def test_the_shipped_seed_config_golden_trains():
     """The three-iteration run at the seed config (kept as the shipped golden): steps lower the loss."""
-    trace = load(Path(__file__).parent.parent / "golden/tests/test_traces/test_reference_model_at_the_seed_config.json")
+    trace = load(SEED_GOLDEN)
     assert [it.stepped for it in trace.iterations] == [True, True, True]
     losses = [known(it.loss) for it in trace.iterations]
     assert f"{losses[0]:.6f}" == "11.090358" and losses[0] > losses[1] > losses[2]
@@ -83,14 +82,14 @@ def test_gpttrace_console_script_is_installed():
 
 
 def test_show_renders_the_seed(capsys):
-    assert main(["show", str(SEED)]) == 0
+    assert main(["show", str(SEED_REPORT)]) == 0
     out = capsys.readouterr().out
     assert len(first_iteration_blocks(out)) == 117
 
 
 def test_convert_round_trips_the_seed(tmp_path):
     j, md = tmp_path / "seed.json", tmp_path / "seed.md"
-    assert main(["convert", str(SEED), str(j)]) == 0
+    assert main(["convert", str(SEED_REPORT), str(j)]) == 0
     doc = json.loads(j.read_text())
     assert doc["format"] == 1 and len(doc["iterations"]) == 3
     assert main(["convert", str(j), str(md)]) == 0
@@ -99,9 +98,9 @@ def test_convert_round_trips_the_seed(tmp_path):
 
 def broken_inputs(tmp_path):
     good = tmp_path / "good.json"
-    main(["convert", str(SEED), str(good)])
+    main(["convert", str(SEED_REPORT), str(good)])
     text = good.read_text()
-    seed = SEED.read_text()
+    seed = SEED_REPORT.read_text()
     cases = {
         "truncated.json": (text[: len(text) // 3], "not valid JSON"),
         "future.json": (text.replace('"format": 1', '"format": 99', 1), "unknown trace format version 99"),
@@ -125,7 +124,7 @@ def test_malformed_inputs_exit_2_with_one_line_naming_the_file(tmp_path, capsys)
 
 
 def test_broken_markdown_names_the_line(tmp_path, capsys):
-    seed = SEED.read_text().splitlines()
+    seed = SEED_REPORT.read_text().splitlines()
     line_no = next(i for i, line in enumerate(seed, 1) if "**Mean**" in line)
     seed[line_no - 1] = "- **Mean**: <span style=\"color: #5faf00\">abc</span>"
     p = tmp_path / "broken.md"
@@ -208,8 +207,8 @@ def test_run_refuses_one_file_for_both_the_json_and_the_markdown(tmp_path, markd
 
 def test_diff_reads_a_markdown_golden_whatever_its_suffix(tmp_path, capsys):
     golden = tmp_path / "golden.json"
-    golden.write_text(SEED.read_text())  # a Markdown report under a .json name
-    assert main(["diff", str(golden), str(SEED)]) == 0, capsys.readouterr()
+    golden.write_text(SEED_REPORT.read_text())  # a Markdown report under a .json name
+    assert main(["diff", str(golden), str(SEED_REPORT)]) == 0, capsys.readouterr()
     assert capsys.readouterr().out.startswith(f"trace matches {golden}")
     assert main(["show", str(golden)]) == 0
     assert capsys.readouterr().out.startswith("# GPT Component Debug Trace")
@@ -240,7 +239,7 @@ def assert_one_line_error(proc, *names):
 @pytest.fixture(scope="module")
 def good_json(tmp_path_factory):
     path = tmp_path_factory.mktemp("good") / "good.json"
-    assert main(["convert", str(SEED), str(path)]) == 0
+    assert main(["convert", str(SEED_REPORT), str(path)]) == 0
     return path
 
 
@@ -277,7 +276,7 @@ BAD_INPUTS = {
                        "at $.model: a string holds a lone UTF-16 surrogate"),
     "deep-config": (lambda doc: _edit(doc, lambda d: d["config"].update(x=json.loads("[" * 900 + "]" * 900))),
                     "convert", "at $.config: nested deeper than 64 levels"),
-    "long-number-report": (lambda doc: SEED.read_text().replace("ITERATION 1/3", "ITERATION " + "9" * 5000 + "/3", 1),
+    "long-number-report": (lambda doc: SEED_REPORT.read_text().replace("ITERATION 1/3", "ITERATION " + "9" * 5000 + "/3", 1),
                            "show", "a number of 5000 digits"),
 }
 
@@ -349,7 +348,7 @@ def test_ctrl_c_while_writing_leaves_no_file_and_no_temp_file(tmp_path, monkeypa
     monkeypatch.setattr(os, "fsync", interrupted)
     target = tmp_path / "seed.json"
     try:
-        code = main(["convert", str(SEED), str(target)])
+        code = main(["convert", str(SEED_REPORT), str(target)])
     except KeyboardInterrupt:
         pytest.fail("the interrupt escaped main() as a traceback")
     assert code == 130

@@ -1,7 +1,6 @@
 import math
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -10,8 +9,8 @@ from hypothesis import strategies as st
 from pytest_gpttrace import markdown
 from pytest_gpttrace.errors import MarkdownParseError, TraceFormatError
 from pytest_gpttrace.trace import Iteration, TensorStats, Trace, dumps, loads, replace_stats
+from tests.paths import SEED_REPORT
 
-SEED = Path(__file__).parent / "data" / "seed_trace.md"
 SEED_BULLETS = ("Shape", "Dtype", "Device", "Mean", "Std", "Min", "Max")
 BLOCK_STAGES = (
     "input", "attn.norm", "attn.q", "attn.k", "attn.v", "attn.q_rope", "attn.k_rope", "attn.q_norm",
@@ -138,12 +137,12 @@ def headings(md: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def seed_text() -> str:
-    return SEED.read_text(encoding="utf-8")
+    return SEED_REPORT.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
 def seed(seed_text) -> Trace:
-    return markdown.parse(seed_text, file=SEED)
+    return markdown.parse(seed_text, file=SEED_REPORT)
 
 
 # ----------------------------------------------------------------------------- the seed

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given
 
 from pytest_gpttrace.errors import TraceFormatError
-from pytest_gpttrace.trace import FORMAT_VERSION, Iteration, TensorStats, Trace, dumps, load, loads
+from pytest_gpttrace.trace import FORMAT_VERSION, Iteration, Trace, dumps, load, loads
+from tests.builders import make_stats
 from tests.strategies import traces
 
 
@@ -26,7 +27,7 @@ def test_json_round_trip_is_bit_exact(trace):
 
 
 def test_one_stage_per_line_and_stable_key_order():
-    s = TensorStats((2,), "torch.float32", "cpu", 2, 0.1, 0.2, 0.0, 0.3, 0.25, 0.5)
+    s = make_stats((2,), mean=0.1, std=0.2, min=0.0, max=0.3, rms=0.25, zero_frac=0.5)
     trace = Trace({"b": 1, "a": 2}, {}, (Iteration(0, 1.5, True, {}, {"x": s, "y": s}, {}, {"w": None}),))
     text = dumps(trace)
     lines = text.splitlines()
@@ -43,7 +44,7 @@ def write(tmp_path, text, name="golden.json"):
 
 
 def valid_text():
-    s = TensorStats((2,), "torch.float32", "cpu", 2, 0.1, 0.2, 0.0, 0.3, 0.25, 0.5)
+    s = make_stats((2,), mean=0.1, std=0.2, min=0.0, max=0.3, rms=0.25, zero_frac=0.5)
     return dumps(Trace({}, {}, (Iteration(0, 1.5, True, {}, {"blocks.0.attn.q": s}, {}, {}),)))
 
 
@@ -96,3 +97,17 @@ def test_provenance_defaults_to_exact_and_complete_and_is_not_written():
     rounded = replace(trace, provenance=Provenance(quantum=5e-7, complete=False, source="markdown"))
     assert dumps(rounded) == dumps(trace) and rounded == trace
     assert loads(dumps(rounded)).provenance == Provenance()
+
+
+def test_the_rms_estimate_is_the_recorded_rms_or_the_one_mean_and_std_imply():
+    import torch
+
+    from pytest_gpttrace.stats import tensor_stats
+
+    x = torch.tensor([1.0, -2.0, 4.0, 0.5])
+    recorded = tensor_stats(x)
+    assert recorded.rms_estimate == recorded.rms
+    implied = make_stats((4,), mean=recorded.mean, std=recorded.std, rms=None)
+    assert implied.rms_estimate == pytest.approx(math.sqrt((x**2).mean().item()), rel=1e-12)
+    assert make_stats((1,), mean=3.0, std=0.0, rms=None).rms_estimate == 3.0
+    assert make_stats((0,), mean=None, std=None, rms=None).rms_estimate is None
