@@ -779,30 +779,3 @@ def detect(trace: Trace, thresholds: Thresholds | None = None, allow: Iterable[s
 
 def errors(anomalies: Iterable[Anomaly]) -> list[Anomaly]:
     return [a for a in anomalies if a.severity == ERROR]
-
-
-def render_text(anomalies: Sequence[Anomaly], *, include_info: bool = True) -> list[str]:
-    """Grouped by severity, most important first; one line per anomaly, then its cause and fix."""
-    lines = []
-    for sev in (ERROR, WARNING, INFO):
-        group = [a for a in anomalies if a.severity == sev]
-        if not group or (sev == INFO and not include_info):
-            continue
-        lines.append(f"{len(group)} {sev}{'s' if len(group) != 1 else ''}:")
-        for a in group:
-            lines.append(f"  [{a.rule}] {a.located}")
-            lines.append(f"      likely cause: {a.cause}")
-            lines.append(f"      fix: {a.fix}")
-    return lines or ["no anomalies"]
-
-
-def render_markdown(anomalies: Sequence[Anomaly]) -> str:
-    """The body of the report's ANOMALIES section."""
-    colours = {ERROR: "#d70000", WARNING: "#d7af00", INFO: "#0087ff"}
-    if not anomalies:
-        return '<span style="color: #5faf00">No anomalies.</span>\n'
-    lines = []
-    for a in anomalies:
-        lines.append(f'- <span style="color: {colours[a.severity]}">**{a.severity.upper()}** `{a.rule}`</span>: '
-                     f"{a.located}. Likely cause: {a.cause}. Fix: {a.fix}.")
-    return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from .errors import GptTraceError
 
 if TYPE_CHECKING:
+    from .anomalies import Anomaly
     from .trace import Trace
 
 EXIT_OK, EXIT_DIFFER, EXIT_USAGE = 0, 1, 2
@@ -139,14 +140,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _anomaly_section(trace: Trace) -> str:
-    from .anomalies import detect, render_markdown
+def _anomaly_section(trace: Trace) -> list[Anomaly]:
+    from .anomalies import detect
 
-    return render_markdown(detect(trace))
+    return detect(trace)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .anomalies import INFO, WARNING, Thresholds, check_rules, detect, errors, parse_thresholds, render_text
+    from .anomalies import INFO, WARNING, Thresholds, check_rules, detect, errors, parse_thresholds
+    from .report import anomaly_lines
     from .traceio import read_trace
 
     try:
@@ -161,7 +163,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     found = detect(trace, thresholds, allow=args.allow or [])
     print(f"{args.trace}: {len(errors(found))} errors, "
           f"{sum(a.severity == WARNING for a in found)} warnings, {sum(a.severity == INFO for a in found)} infos")
-    print("\n".join(render_text(found, include_info=not args.quiet)))
+    print("\n".join(anomaly_lines(found, include_info=not args.quiet)))
     return EXIT_DIFFER if errors(found) else EXIT_OK
 
 

@@ -302,14 +302,14 @@ def _calibrator(request: pytest.FixtureRequest) -> Callable[[Trace], Calibrated]
 
 
 def _write_report(settings: Settings, nodeid: str, trace: Trace) -> None:
-    from .anomalies import detect, render_markdown
+    from .anomalies import detect
     from .golden import trace_path
     from .traceio import write_trace
 
     assert settings.report_dir is not None
     base = trace_path(settings.report_dir, nodeid, trace)
     write_trace(base, trace, "json")
-    write_trace(base.with_suffix(".md"), trace, "markdown", anomalies=render_markdown(detect(trace)))
+    write_trace(base.with_suffix(".md"), trace, "markdown", anomalies=detect(trace))
 
 
 # --------------------------------------------------------------------------- reporting

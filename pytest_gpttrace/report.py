@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .anomalies import Anomaly, render_text
+from .anomalies import ERROR, INFO, WARNING, Anomaly
 from .calibrate import summary as calibration_summary
 from .compare import LOSS, Comparison, Mismatch
 from .errors import TraceFormatError
@@ -252,6 +252,21 @@ def anomaly_failure_lines(blocking: Sequence[Anomaly]) -> list[str]:
     """The anomalies whose errors fail a traced test: a headline, each with cause and fix, the way out."""
     return [
         f"{len(blocking)} anomal{'y' if len(blocking) == 1 else 'ies'} in the trace: {blocking[0].symptom}",
-        *render_text(blocking, include_info=False),
+        *anomaly_lines(blocking, include_info=False),
         "to accept a rule for this test: @pytest.mark.gpt_trace(allow=[\"RULE\"]), or ini gpt_trace_allow",
     ]
+
+
+def anomaly_lines(anomalies: Sequence[Anomaly], *, include_info: bool = True) -> list[str]:
+    """Grouped by severity, most important first; one line per anomaly, then its cause and fix."""
+    lines = []
+    for sev in (ERROR, WARNING, INFO):
+        group = [a for a in anomalies if a.severity == sev]
+        if not group or (sev == INFO and not include_info):
+            continue
+        lines.append(f"{len(group)} {sev}{'s' if len(group) != 1 else ''}:")
+        for a in group:
+            lines.append(f"  [{a.rule}] {a.located}")
+            lines.append(f"      likely cause: {a.cause}")
+            lines.append(f"      fix: {a.fix}")
+    return lines or ["no anomalies"]

@@ -17,10 +17,10 @@ from pytest_gpttrace.anomalies import (
     detect,
     errors,
     parse_thresholds,
-    render_markdown,
-    render_text,
 )
 from pytest_gpttrace.cli import main
+from pytest_gpttrace.markdown.render import anomaly_items
+from pytest_gpttrace.report import anomaly_lines
 from pytest_gpttrace.trace import Trace, dumps, replace_stats
 from reference_model import GPT, optimizers, synthetic_batches
 from tests.builders import make_iteration, make_stats
@@ -262,9 +262,11 @@ def test_messages_read_as_sentences():
     found = detect(traced(opt_fn=lr_zero))
     for a in found:
         assert a.message.count("Likely cause:") == 1 and a.message.endswith(".")
-    md = render_markdown(found)
+    md = "\n".join(anomaly_items(found))
     assert "**ERROR** `stuck-loss`" in md
-    assert render_text([]) == ["no anomalies"]
+    assert anomaly_items([]) == ['<span style="color: #5faf00">No anomalies.</span>']
+    assert anomaly_lines([]) == ["no anomalies"]
+    assert anomaly_lines(found)[0] == f"{len(errors(found))} error{'s' if len(errors(found)) != 1 else ''}:"
 
 
 def test_the_report_gets_an_anomalies_section(capsys):

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_gpttrace import markdown
+from pytest_gpttrace.anomalies import ERROR, Anomaly
 from pytest_gpttrace.errors import MarkdownParseError, TraceFormatError
 from pytest_gpttrace.trace import Iteration, TensorStats, Trace, dumps, loads, replace_stats
 from tests.paths import SEED_REPORT
@@ -327,7 +328,8 @@ def test_narrowed_capture_renders_what_is_there():
 
 def test_anomalies_section_is_rendered_and_skipped_by_the_parser():
     trace = reference_trace(2)
-    anomalies = "#### Loss is flat\n\n- **Mean**: <span>oops</span>\n\n## <span style=\"color: #af87ff\">X</span>\n"
+    anomalies = [Anomaly("stuck-loss", ERROR, 1, "blocks.0.attn.q", "#### Loss is flat\n\n- **Mean**: <span>oops</span>",
+                         "## <span style=\"color: #af87ff\">X</span>", "none")]
     md = markdown.render(trace, anomalies=anomalies, generated="t")
     assert md.index("ANOMALIES") < md.index("TRAINING COMPLETE") and "#### Loss is flat" in md
     assert_preserved(trace, markdown.parse(md), iterations=1)
@@ -490,7 +492,8 @@ def test_the_lexer_yields_frozen_records_with_line_numbers(seed_text):
 def test_the_lexer_skips_the_scaling_and_anomaly_sections():
     from pytest_gpttrace.markdown import lex
 
-    md = markdown.render(reference_trace(1), anomalies="#### Loss is flat\n\n- **Mean**: not a number", generated="t")
+    flat = Anomaly("stuck-loss", ERROR, 0, None, "#### Loss is flat\n\n- **Mean**: not a number", "c", "f")
+    md = markdown.render(reference_trace(1), anomalies=[flat], generated="t")
     titles = [r.title for r in lex.lex(md) if isinstance(r, lex.SectionHeading)]
     assert "ANOMALIES" in titles and titles[-1] == "TRAINING COMPLETE"
     assert not any(isinstance(r, lex.StatBlock) and r.title == "Loss is flat" for r in lex.lex(md))

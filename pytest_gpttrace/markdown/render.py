@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from .. import scaling
+from ..anomalies import Anomaly, Severity
 from ..trace import EnvKey, Iteration, TensorStats, Trace
 from .layout import (
     ANOMALIES,
@@ -390,12 +391,21 @@ def _scaling_lines(trace: Trace) -> list[str]:
     return lines + _flops_lines(shape, components) + _sweep_lines(shape)
 
 
-def render(trace: Trace, *, all_iterations: bool = False, anomalies: str | None = None,
+def anomaly_items(anomalies: Sequence[Anomaly]) -> list[str]:
+    """The body of the report's ANOMALIES section: one coloured item per anomaly."""
+    colours = {Severity.ERROR: "#d70000", Severity.WARNING: "#d7af00", Severity.INFO: "#0087ff"}
+    if not anomalies:
+        return ['<span style="color: #5faf00">No anomalies.</span>']
+    return [f'- <span style="color: {colours[a.severity]}">**{a.severity.upper()}** `{a.rule}`</span>: '
+            f"{a.located}. Likely cause: {a.cause}. Fix: {a.fix}." for a in anomalies]
+
+
+def render(trace: Trace, *, all_iterations: bool = False, anomalies: Sequence[Anomaly] | None = None,
            generated: datetime | str | None = None) -> str:
     """The trace as a GPT Component Debug Trace in Markdown.
 
     The first iteration renders in full, later ones as their loss line (every one in full with
-    all_iterations). anomalies: pre-rendered Markdown, placed in an ANOMALIES section.
+    all_iterations). anomalies: the diagnoses for an ANOMALIES section (None: no such section).
     generated: the header's timestamp, a datetime or a string; without it the header says n/a, so
     that the same trace always renders to the same text.
     """
@@ -409,8 +419,8 @@ def render(trace: Trace, *, all_iterations: bool = False, anomalies: str | None 
         if pos == 1 or all_iterations:
             lines += _forward(trace, it, layout) + _backward(trace, it)
         lines += _completion(pos, it)
-    if anomalies and anomalies.strip():
-        lines += [*_section(ANOMALIES), *anomalies.strip("\n").splitlines(), ""]
+    if anomalies is not None:
+        lines += [*_section(ANOMALIES), *anomaly_items(anomalies), ""]
     lines += _section(COMPLETE) + list(KEY_TAKEAWAYS)
     return "\n".join(lines) + "\n"
 
