@@ -279,26 +279,14 @@ def gpt_golden(request: pytest.FixtureRequest) -> GoldenTrace:
 
 def _calibrator(request: pytest.FixtureRequest) -> Callable[[Trace], Calibrated]:
     """obtained trace -> the same with its noise band, from replays of this test (see ``replay``)."""
-    from .calibrate import Calibrated, measure
-    from .compare import CALIBRATED_FLOOR, CALIBRATED_K
-    from .golden import device_type
-    from .replay import Session, plan_variants, run_replays
-    from .trace import EnvKey
+    from .replay import Session, calibrator
 
     config = request.config
     settings = config.stash[_SETTINGS]
     extra = ["-n", "0"] if config.pluginmanager.hasplugin("xdist") else []
     session = Session(nodeid=request.node.nodeid, rootdir=settings.rootdir,
                       inifile=Path(config.inipath) if config.inipath else None, extra_args=extra)
-
-    def calibrate(obtained: Trace) -> Calibrated:
-        env = obtained.environment
-        variants = plan_variants(device_type(obtained), int(env.get(EnvKey.THREADS, 1)),
-                                 dithers=settings.dithers, tf32=env.get(EnvKey.TF32))
-        replays, seconds = run_replays(session, variants)
-        return Calibrated(measure(obtained, replays, k=CALIBRATED_K, floor=CALIBRATED_FLOOR), seconds)
-
-    return calibrate
+    return calibrator(session, dithers=settings.dithers)
 
 
 def _write_report(settings: Settings, nodeid: str, trace: Trace) -> None:

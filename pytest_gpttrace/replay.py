@@ -34,13 +34,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .calibrate import Replay
+from .trace import EnvKey
+
+if TYPE_CHECKING:
+    from .calibrate import Calibrated
+    from .trace import Trace
 
 REPLAY_ENV = "GPTTRACE_REPLAY"
 CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
@@ -201,6 +206,22 @@ def run_replays(session: Session, variants: Sequence[Variant], *, parallel: int 
     with tempfile.TemporaryDirectory(prefix="gpttrace-replay-") as tmp, ThreadPoolExecutor(max_workers=parallel) as pool:
         replays = list(pool.map(lambda v: run_one(session, v, Path(tmp), timeout), variants))
     return replays, time.perf_counter() - start
+
+
+def calibrator(session: Session, *, dithers: int = DEFAULT_DITHERS) -> Callable[[Trace], Calibrated]:
+    """obtained trace -> the same trace with its noise band, measured from replays of ``session``'s
+    test under every variant ``plan_variants`` gives for the obtained trace's device and threads."""
+    from .calibrate import Calibrated, measure
+    from .compare import CALIBRATED_FLOOR, CALIBRATED_K
+
+    def calibrate(obtained: Trace) -> Calibrated:
+        env = obtained.environment
+        device = str(env.get(EnvKey.DEVICE_TYPE, "cpu"))
+        variants = plan_variants(device, int(env.get(EnvKey.THREADS, 1)), dithers=dithers, tf32=env.get(EnvKey.TF32))
+        replays, seconds = run_replays(session, variants)
+        return Calibrated(measure(obtained, replays, k=CALIBRATED_K, floor=CALIBRATED_FLOOR), seconds)
+
+    return calibrate
 
 
 # ----------------------------------------------------------------------------- inside a replay
