@@ -189,7 +189,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
         return _usage_error(f"diff: {args.golden}: {exc}")
     result = compare(golden, obtained, profile)
     lines = render_comparison(result, golden_name=args.golden, obtained_name=None,
-                              max_rows=args.max_rows if args.max_rows > 0 else len(result.mismatches))
+                              max_rows=args.max_rows if args.max_rows > 0 else len(result.mismatches),
+                              more_hint="--max-rows 0 lists them all")
     print("\n".join(lines))
     return EXIT_OK if result.ok else EXIT_DIFFER
 

@@ -25,7 +25,7 @@ from .compare import Comparison, Override, check_same_config, compare, resolve_p
 from .errors import GptTraceError
 from .outcome import Band, GoldenResult, GoldenStatus, shown
 from .trace import EnvKey, Trace, dumps
-from .traceio import WriteError, read_trace, write_text_atomic
+from .traceio import WriteError, format_for, read_trace, write_text_atomic
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\[\]-]+")
 MAX_NAME_BYTES = 120  # one path component, hash suffix and ".json" included: far below any file system's 255
@@ -147,23 +147,23 @@ class GoldenTrace:
         exists = path.exists()
         golden, error = _read(path) if exists else (None, None)
         if self.update:
-            if self.named_path is not None and golden is not None and not golden.provenance.complete:
-                return outcome(GoldenStatus.REPORT_KEPT)
+            if self.named_path is not None and ((golden is not None and not golden.provenance.complete)
+                                                or (golden is None and format_for(path) == "markdown")):
+                return outcome(GoldenStatus.REPORT_KEPT)  # a report is written by a person, not by the tool
             return self._update(golden, obtained, path, exists, partial(outcome, error=error))
         if golden is None:
             status = GoldenStatus.MISSING if error is None else GoldenStatus.MALFORMED
-            return outcome(status, error=error, obtained_path=self._write_obtained(obtained))
+            return outcome(status, error=error, **self._write_obtained(obtained))
         config_diff = check_same_config(golden, obtained)
         if config_diff:
-            return outcome(GoldenStatus.OTHER_CONFIG, reason="; ".join(config_diff),
-                           obtained_path=self._write_obtained(obtained))
+            return outcome(GoldenStatus.OTHER_CONFIG, reason="; ".join(config_diff), **self._write_obtained(obtained))
         try:
             comparison = self._compare(golden, obtained)
         except ValueError as exc:
-            return outcome(GoldenStatus.NOT_COMPARABLE, reason=str(exc), obtained_path=self._write_obtained(obtained))
+            return outcome(GoldenStatus.NOT_COMPARABLE, reason=str(exc), **self._write_obtained(obtained))
         if comparison.ok:
             return outcome(GoldenStatus.MATCH, comparison=comparison)
-        return outcome(GoldenStatus.DIFFERS, comparison=comparison, obtained_path=self._write_obtained(obtained))
+        return outcome(GoldenStatus.DIFFERS, comparison=comparison, **self._write_obtained(obtained))
 
     def _update(self, golden: Trace | None, obtained: Trace, path: Path, exists: bool,
                 outcome: Callable[..., GoldenResult]) -> GoldenResult:
@@ -195,10 +195,15 @@ class GoldenTrace:
     def _compare(self, golden: Trace, obtained: Trace) -> Comparison:
         return compare(golden, obtained, resolve_profile(self.profile_name, golden, self.overrides))
 
-    def _write_obtained(self, obtained: Trace) -> Path:
+    def _write_obtained(self, obtained: Trace) -> dict[str, Path | WriteError]:
+        """Write a failure's obtained trace under the results folder: ``obtained_path`` where it went,
+        or ``obtained_error`` when it cannot be written (the failure it belongs to stands)."""
         path = trace_path(self.results_dir, self.nodeid, obtained)
-        write_text_atomic(path, dumps(obtained))
-        return path
+        try:
+            write_text_atomic(path, dumps(obtained))
+        except WriteError as exc:
+            return {"obtained_error": exc}
+        return {"obtained_path": path}
 
     # ----------------------------------------------------------------- the last outcome, read-only
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeGuard
 
 from .anomalies import Thresholds, check_rules
@@ -53,18 +54,32 @@ def parse_marker(args: Sequence[object], kwargs: Mapping[str, object], settings:
         overrides=settings.tolerances + _tolerances(kwargs.get("tolerances")),
         allow=settings.allow + _allow(kwargs.get("allow")),
         thresholds=_thresholds(kwargs.get("thresholds"), settings.thresholds),
-        golden=_golden(kwargs.get("golden")),
+        golden=_golden(kwargs.get("golden"), settings),
     )
 
 
-def _golden(value: object) -> str | None:
-    """A golden file the test names itself (a JSON trace or a Markdown report)."""
+def _golden(value: object, settings: Settings) -> str | None:
+    """A golden file the test names itself (a JSON trace or a Markdown report), relative to rootdir.
+
+    It must stay inside rootdir and apart from the results and report folders: an obtained trace
+    written over its own golden would make the next run pass whatever changed.
+    """
     if value is None:
         return None
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str) or not value.strip():
         raise _bad("golden", value, "expected the path of a trace file, relative to rootdir")
+    root = Path(os.path.realpath(settings.rootdir))
+    path = Path(os.path.realpath(root / value))
+    if path == root or root not in path.parents:
+        raise _bad("golden", value, f"the golden file must lie inside rootdir ({root.name}/); this path leaves it")
+    for option, folder in (("--gpt-trace-results-dir", settings.results_dir), ("--gpt-trace-report", settings.report_dir)):
+        if folder is not None:
+            folder = Path(os.path.realpath(folder))
+            if path == folder or folder in path.parents:
+                raise _bad("golden", value, f"lies inside the {option} folder, where obtained traces are written "
+                                            "over it; name a file apart from that folder")
     return value
 
 
@@ -139,10 +154,10 @@ def _allow(value: object) -> tuple[str, ...]:
 
 
 def _thresholds(value: object, ini: Mapping[str, float]) -> Thresholds:
-    value = value or {}
+    if value is None:
+        value = {}
     if not isinstance(value, dict):
-        raise ValueError(f"@pytest.mark.{MARKER}: thresholds= expects a dict of name -> number, "
-                         f"got {type(value).__name__}")
+        raise _bad("thresholds", value, f"expected a dict of name -> number, got {type(value).__name__}")
     try:
         return Thresholds().updated({**ini, **value})
     except ValueError as exc:

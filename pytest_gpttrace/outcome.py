@@ -55,7 +55,8 @@ class GoldenResult:
     too, where it says how far the old golden lay from the new run); ``obtained_path`` is where the
     obtained trace was written (for a failure to inspect, or where a replay asked); ``reason`` why the
     two could not be compared (other config, not comparable); ``error`` the read error of a malformed
-    golden (kept when update mode rewrote it) or, for WRITE_ERROR, the write error naming its file.
+    golden (kept when update mode rewrote it) or, for WRITE_ERROR, the write error naming its file;
+    ``obtained_error`` why the obtained trace of a failure is not on disk (the failure stands as it is).
     """
 
     status: GoldenStatus
@@ -68,6 +69,7 @@ class GoldenResult:
     reason: str = ""
     error: GptTraceError | None = None
     band: Band | None = None
+    obtained_error: GptTraceError | None = None  # the obtained trace of a failure could not be written
 
     @property
     def ok(self) -> bool:

@@ -130,6 +130,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Remove the temporary files a killed writer left in the golden folder (older than a minute)."""
+    settings = session.config.stash[_SETTINGS]
+    if settings.enabled and not hasattr(session.config, "workerinput"):
+        from .traceio import sweep_stale_temps_under
+
+        sweep_stale_temps_under(settings.golden_dir)
+
+
 # --------------------------------------------------------------------------- fixtures
 def _bad_marker(message: str) -> NoReturn:
     """A marker argument that cannot work: this test errors with the message alone (no traceback)."""
@@ -249,7 +258,15 @@ def gpt_trace(request: pytest.FixtureRequest, gpt_seed: int, gpt_model: torch.nn
                                micro_steps=run.micro_steps, stages=run.stages)
     request.node.stash[_TRACE] = trace
     if settings.report_dir is not None and not settings.replay:  # a replay's trace is not the run's report
-        _write_report(settings, request.node.nodeid, trace)
+        from .traceio import WriteError
+
+        problem = None
+        try:
+            _write_report(settings, request.node.nodeid, trace)
+        except WriteError as exc:
+            problem = f"--gpt-trace-report: {exc}"
+        if problem is not None:  # outside the except: no chained traceback
+            pytest.fail(problem, pytrace=False)
     return trace
 
 

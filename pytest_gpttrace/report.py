@@ -8,6 +8,7 @@ assertion message, ``summary_outcome`` into its part of the terminal summary, ``
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .anomalies import ERROR, INFO, WARNING, Anomaly
@@ -92,7 +93,8 @@ def out_of_tolerance(comparison: Comparison) -> str:
 
 
 def render_comparison(comparison: Comparison, *, golden_name: str, obtained_name: str | None = None,
-                      accept_command: str | None = None, max_rows: int = MAX_ROWS) -> list[str]:
+                      accept_line: str | None = None, max_rows: int = MAX_ROWS,
+                      obtained_line: str | None = None, more_hint: str | None = None) -> list[str]:
     """Lines of the failure report; the first says how many traced tensors differ and where it starts."""
     if comparison.ok:
         worst = f"; {comparison.worst.describe()}" if comparison.worst else ""
@@ -111,15 +113,16 @@ def render_comparison(comparison: Comparison, *, golden_name: str, obtained_name
     lines += table(headers(calibrated), rows)
     more = len(comparison.mismatches) - len(rows)
     if more > 0:
-        lines.append(f"  (+{more} more: gpttrace diff GOLDEN OBTAINED lists them all)")
+        hint = more_hint or f"gpttrace diff {golden_name} {obtained_name or 'OBTAINED'} lists them all"
+        lines.append(f"  (+{more} more: {hint})")
     lines.append(environment_line("golden environment", comparison.golden.environment))
     lines.append(environment_line("obtained environment", comparison.obtained.environment))
     if comparison.golden.calibration is not None:
         lines.append(f"golden calibration: {calibration_summary(comparison.golden.calibration)}")
-    if obtained_name:
-        lines.append(f"obtained trace written to {obtained_name}")
-    if accept_command:
-        lines.append(f"if the change is intended, accept it: {accept_command}")
+    if obtained_line or obtained_name:
+        lines.append(obtained_line or f"obtained trace written to {obtained_name}")
+    if accept_line:
+        lines.append(accept_line)
     return lines
 
 
@@ -154,6 +157,14 @@ def render_drift(comparison: Comparison, *, max_rows: int = 5) -> list[str]:
 
 
 # --------------------------------------------------------------------------- a golden check's outcome
+def _not_written(result: GoldenResult) -> str:
+    """Why a failure's obtained trace is not on disk."""
+    error = result.obtained_error
+    filename = getattr(error, "filename", None)
+    cause = getattr(error, "strerror", None) or str(error)
+    return f"obtained trace not written to {result.shown(Path(filename)) if filename else 'the results folder'}: {cause}"
+
+
 def update_command(result: GoldenResult) -> str:
     """The command that records this test's golden again."""
     return f"{result.command} --update-golden '{result.nodeid}'"
@@ -171,7 +182,7 @@ def failure_lines(result: GoldenResult) -> list[str]:
     went, and the command that fixes it. Empty for a check that passed."""
     golden, status = result.shown(result.golden_path), result.status
     obtained = result.shown(result.obtained_path) if result.obtained_path is not None else None
-    written = f"obtained trace written to {obtained}"
+    written = f"obtained trace written to {obtained}" if obtained is not None else _not_written(result)
     if status is GoldenStatus.MISSING:
         return [f"golden trace missing: {golden}", written, f"create it: {update_command(result)}"]
     if status is GoldenStatus.MALFORMED:
@@ -183,9 +194,17 @@ def failure_lines(result: GoldenResult) -> list[str]:
     if status is GoldenStatus.NOT_COMPARABLE:
         return [f"golden trace {golden} cannot be compared: {result.reason}", written]
     if status is GoldenStatus.DIFFERS and result.comparison is not None:
+        report = not result.comparison.golden.provenance.complete
+        accept = ("this golden is a report (it lists a selection of the trace): edit it by hand, or record "
+                  "a JSON golden by naming a .json file in golden=" if report
+                  else f"if the change is intended, accept it: {update_command(result)}")
         return render_comparison(result.comparison, golden_name=golden, obtained_name=obtained,
-                                 accept_command=update_command(result))
+                                 accept_line=accept, obtained_line=written)
     if status is GoldenStatus.REPORT_KEPT:
+        if not result.golden_path.exists():
+            return [f"golden {golden} (named by golden=) is a Markdown report, and --update-golden writes "
+                    "JSON goldens only: reports are written by a person",
+                    "to record a golden for this test, drop golden= or name a .json file"]
         return [f"golden {golden} is a report that lists a selection of the trace (named by golden=): "
                 "--update-golden does not overwrite it",
                 "to record a golden for this test, drop golden= or name a .json file"]

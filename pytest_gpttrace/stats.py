@@ -32,11 +32,13 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import threading
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import Generic, TypeVar
 
 import torch
@@ -169,7 +171,7 @@ class _Compiled:
             # torch's compiler stack emits its own deprecation warnings while it builds a kernel;
             # under a test run's filterwarnings=error they would turn into a failed compile. Only
             # the first call per device and dtype compiles, so only it silences warnings.
-            with warnings.catch_warnings(), _compiler_logs_muted():
+            with warnings.catch_warnings(), _compiler_logs_muted(), _interrupt_kept():
                 warnings.simplefilter("ignore")
                 out = self.function()(x)
             self._built.add(key)
@@ -177,6 +179,30 @@ class _Compiled:
         except Exception as exc:  # no C++ compiler, an inductor limitation: eager is always correct
             self.failures[key] = f"{type(exc).__name__}: {_first_line(exc)}"
             return None
+
+
+@contextlib.contextmanager
+def _interrupt_kept() -> Iterator[None]:
+    """A Ctrl-C while the kernel compiles is raised after the compile: torch's compiler swallows a
+    KeyboardInterrupt raised inside it, and the run would go on as if nothing had been pressed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def remember(signum: int, frame: FrameType | None) -> None:
+        pressed.append(signum)
+        if callable(previous):
+            previous(signum, frame)  # the default handler raises KeyboardInterrupt here, as always
+
+    signal.signal(signal.SIGINT, remember)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed and previous is not signal.SIG_IGN:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

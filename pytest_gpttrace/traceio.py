@@ -12,7 +12,7 @@ import contextlib
 import errno
 import os
 import re
-import tempfile
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -54,23 +54,30 @@ def render_trace(trace: Trace, fmt: str, **markdown_options: Any) -> str:
     return markdown.render(trace, **markdown_options)
 
 
-def _read_umask() -> int:
-    """The process umask, read once: setting it to read it is process-wide, so never do it again."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _read_umask()
 STALE_TEMP_SECONDS = 60.0  # a temporary file older than this is left over from a killed writer
 
 
-def _mode_for(path: Path) -> int:
-    """The existing file's permissions, else what open() would give under the umask."""
+def _open_temp(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path``, open for writing: (descriptor, name).
+
+    A new golden gets the mode ``open()`` would give it (0666 less the umask, applied by the system:
+    the process umask is never read or set); a rewritten one keeps the mode it had.
+    """
     try:
-        return path.stat().st_mode & 0o777
+        mode = path.stat().st_mode & 0o777
     except OSError:
-        return 0o666 & ~_UMASK
+        mode = None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        name = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(name, flags, 0o666 if mode is None else 0o600)
+        except FileExistsError:
+            continue
+        if mode is not None:
+            os.chmod(name, mode)
+        return fd, name
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path))
 
 
 def check_writable(path: PathLike, what: str) -> None:
@@ -134,6 +141,14 @@ def sweep_stale_temps(folder: PathLike, now: float | None = None, age: float = S
     return removed
 
 
+def sweep_stale_temps_under(folder: PathLike, now: float | None = None) -> list[Path]:
+    """``sweep_stale_temps`` in ``folder`` and every folder below it (a session's start: the goldens)."""
+    removed: list[Path] = []
+    for dirpath, _, _ in os.walk(folder):
+        removed += sweep_stale_temps(dirpath, now)
+    return removed
+
+
 _TEMP = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
 
 
@@ -172,10 +187,8 @@ def write_text_atomic(path: PathLike, text: str) -> bool:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale_temps(path.parent)
-        mode = _mode_for(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _open_temp(path)
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            os.chmod(tmp, mode)  # mkstemp makes 0600; a golden is an ordinary file
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -142,9 +142,10 @@ def test_report_is_capped_and_ends_with_the_remedy():
     moved = {f"s{i}": replace_stats(S, std=2.0) for i in range(30)}
     lines = render_comparison(compare(trace(it(forward=forward)), trace(it(forward=moved))),
                               golden_name="golden/x.json", obtained_name=".gpttrace-results/x.json",
-                              accept_command="pytest --gpt-trace --update-golden 'x'")
+                              accept_line="if the change is intended, accept it: pytest --gpt-trace --update-golden 'x'")
     assert lines[0] == "30 of 31 traced tensors out of tolerance (profile exact); first divergence: s0 (forward), iteration 0, std"
-    assert "  (+10 more: gpttrace diff GOLDEN OBTAINED lists them all)" in lines  # 30 mismatches, 20 shown
+    # 30 mismatches, 20 shown; the hint names both files
+    assert "  (+10 more: gpttrace diff golden/x.json .gpttrace-results/x.json lists them all)" in lines
     assert lines[-1] == "if the change is intended, accept it: pytest --gpt-trace --update-golden 'x'"
 
 

@@ -55,8 +55,6 @@ def test_a_folder_that_cannot_be_synced_is_fine(tmp_path, monkeypatch):
 def test_a_write_leaves_the_umask_alone_and_gives_a_new_file_the_usual_mode(tmp_path, monkeypatch):
     umask = os.umask(0o027)
     try:
-        monkeypatch.setattr(traceio, "_UMASK", 0o027)  # as read at import under this umask
-
         def no_umask(mask):
             raise AssertionError("os.umask changed while writing: it is process-wide")
 
@@ -113,7 +111,7 @@ def test_a_read_only_folder_is_one_line_naming_the_path(tmp_path, monkeypatch):
     def refused(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(folder / ".f.json.abcdefgh.tmp"))
 
-    monkeypatch.setattr("pytest_gpttrace.traceio.tempfile.mkstemp", refused)
+    monkeypatch.setattr(traceio, "_open_temp", refused)
     with pytest.raises(GptTraceError, match=r"^cannot write .*golden/f\.json: its folder is not writable") as caught:
         write_text_atomic(folder / "f.json", "{}")
     assert ".tmp" not in str(caught.value)

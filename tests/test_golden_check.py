@@ -87,7 +87,7 @@ def test_a_failure_with_more_rows_than_shown_says_how_to_see_them_all(tmp_path):
     stages = [f"s{i}" for i in range(MAX_ROWS + 7)]
     record(tmp_path, trace(stages))
     lines = failure_lines(golden_for(tmp_path).check(trace(stages, std=1.5)))
-    assert "  (+7 more: gpttrace diff GOLDEN OBTAINED lists them all)" in lines
+    assert "  (+7 more: gpttrace diff golden/t/test_f.json results/t/test_f.json lists them all)" in lines
     rows = [line for line in lines if line.split()[:2] == ["0", "fwd"]]
     assert len(rows) == MAX_ROWS
 
@@ -211,13 +211,51 @@ def test_a_golden_that_cannot_be_written_is_one_line(tmp_path):
     assert summary_outcome(result) == "golden not written: golden/t/test_f.json"
 
 
-def test_an_obtained_trace_that_cannot_be_written_is_one_line(tmp_path):
+def test_an_obtained_trace_that_cannot_be_written_leaves_the_failure_as_it_is(tmp_path):
     (tmp_path / "results").write_text("")
     result = golden_for(tmp_path).check(trace())
-    assert result.status is GoldenStatus.WRITE_ERROR and result.write_target == tmp_path / "results/t/test_f.json"
+    assert result.status is GoldenStatus.MISSING and result.obtained_path is None
     assert failure_lines(result) == [
-        "cannot write trace results/t/test_f.json: 'results' on its path is a file, not a folder"]
-    assert summary_outcome(result) == "obtained trace not written: results/t/test_f.json, golden golden/t/test_f.json"
+        "golden trace missing: golden/t/test_f.json",
+        "obtained trace not written to results/t/test_f.json: 'results' on its path is a file, not a folder",
+        f"create it: {UPDATE}",
+    ]
+    assert summary_outcome(result) == "golden missing: golden/t/test_f.json"
+
+
+def test_a_difference_keeps_its_table_when_the_obtained_trace_cannot_be_written(tmp_path):
+    """Before: the whole failure was the write error, and the table of what differs was lost."""
+    record(tmp_path, trace())
+    (tmp_path / "results").write_text("")
+    result = golden_for(tmp_path).check(trace(std=1.5))
+    assert result.status is GoldenStatus.DIFFERS and result.comparison is not None
+    lines = failure_lines(result)
+    assert lines[0].startswith("1 of 2 traced tensors out of tolerance")
+    assert any(line.split()[:2] == ["0", "fwd"] for line in lines)
+    assert lines[-2:] == [
+        "obtained trace not written to results/t/test_f.json: 'results' on its path is a file, not a folder",
+        f"if the change is intended, accept it: {UPDATE}"]
+
+
+def test_a_named_markdown_golden_is_never_written_by_update(tmp_path):
+    """Before: --update-golden wrote JSON into the .md file named by golden=."""
+    named = tmp_path / "reports" / "new.md"
+    result = golden_for(tmp_path, update=True, named_path=named).check(trace())
+    assert result.status is GoldenStatus.REPORT_KEPT and not named.exists()
+    assert failure_lines(result) == [
+        "golden reports/new.md (named by golden=) is a Markdown report, and --update-golden writes JSON goldens "
+        "only: reports are written by a person",
+        "to record a golden for this test, drop golden= or name a .json file",
+    ]
+
+
+def test_a_named_report_that_differs_does_not_offer_an_update_it_would_refuse(tmp_path):
+    named = tmp_path / "reports" / "seed.md"
+    write_trace(named, trace(), "markdown")
+    lines = failure_lines(golden_for(tmp_path, named_path=named).check(trace(std=1.5)))
+    assert lines[-1] == ("this golden is a report (it lists a selection of the trace): edit it by hand, or record "
+                         "a JSON golden by naming a .json file in golden=")
+    assert not any("--update-golden" in line for line in lines)
 
 
 def test_a_replay_writes_the_obtained_trace_and_compares_nothing(tmp_path):

@@ -56,7 +56,10 @@ def test_the_rows_left_out_say_how_to_see_them_all():
     golden = load(TINY_GOLDEN)
     lines = render_comparison(compare(golden, moved(golden)), golden_name="golden/x.json", max_rows=5)
     more = [line for line in lines if line.lstrip().startswith("(+")]
-    assert len(more) == 1 and more[0].endswith(" more: gpttrace diff GOLDEN OBTAINED lists them all)")
+    assert len(more) == 1 and more[0].endswith(" more: gpttrace diff golden/x.json OBTAINED lists them all)")
+    cli = render_comparison(compare(golden, moved(golden)), golden_name="x.json", max_rows=5,
+                            more_hint="--max-rows 0 lists them all")
+    assert next(line for line in cli if line.lstrip().startswith("(+")).endswith(" more: --max-rows 0 lists them all)")
 
 
 # --------------------------------------------------------------------------- through the plugin

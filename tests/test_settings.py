@@ -56,8 +56,16 @@ def assert_one_line_error(result, line: str):
      "*test_it: @pytest.mark.gpt_trace: threshold dead_relu_warn must be a finite number, got nan"),
     ('iterations=1, thresholds={"dead_relu_warn": float("inf")}',
      "*test_it: @pytest.mark.gpt_trace: threshold dead_relu_warn must be a finite number, got inf"),
+    ('iterations=1, thresholds=0', "*test_it: @pytest.mark.gpt_trace(thresholds=0): expected a dict of name -> number, got int"),
+    ('iterations=1, thresholds=[]', "*test_it: @pytest.mark.gpt_trace(thresholds=[]): expected a dict of name -> number, got list"),
+    ('iterations=1, golden="../outside.json"',
+     "*test_it: @pytest.mark.gpt_trace(golden='../outside.json'): the golden file must lie inside rootdir*"),
+    ('iterations=1, golden=".gpttrace-results/t.json"',
+     "*test_it: @pytest.mark.gpt_trace(golden='.gpttrace-results/t.json'): lies inside the --gpt-trace-results-dir "
+     "folder, where obtained traces are written over it*"),
 ], ids=["iterations-float", "iterations-bool", "iterations-0", "micro_steps-0", "stages-select-nothing",
-        "seed-negative", "seed-too-large", "threshold-nan", "threshold-inf"])
+        "seed-negative", "seed-too-large", "threshold-nan", "threshold-inf", "thresholds-0", "thresholds-list",
+        "golden-outside-rootdir", "golden-in-results-dir"])
 def test_a_marker_argument_that_cannot_work_fails_its_test_in_one_line(project, arguments, line):
     project.makepyfile(test_m=marked(arguments))
     assert_one_line_error(run(project), line)

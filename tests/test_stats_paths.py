@@ -309,3 +309,23 @@ def test_a_capture_cannot_be_entered_twice_and_a_failed_step_can_be_discarded():
         loss.backward()
         it = cap.end_iteration(loss=loss)
     assert "loss#2" not in it.forward and "loss" in it.stage_grads and len(cap.iterations) == 1
+
+
+def test_a_ctrl_c_while_the_kernel_compiles_is_not_lost(monkeypatch):
+    """torch's compiler can swallow a KeyboardInterrupt raised inside it (a cold cache, Ctrl-C while
+    g++ builds the kernel: ``gpttrace run`` then trained on); the press is raised after the compile."""
+    import contextlib
+    import signal
+
+    monkeypatch.setattr(stats, "_COMPILED", stats._Compiled())
+    monkeypatch.setattr(stats, "_dynamo_disabled", lambda: False)
+
+    def swallowing_compiler(x):
+        with contextlib.suppress(BaseException):  # as the compiler's own fallback does
+            signal.raise_signal(signal.SIGINT)
+        return stats._eager(x)
+
+    monkeypatch.setattr(stats._COMPILED, "function", lambda: swallowing_compiler)
+    with pytest.raises(KeyboardInterrupt):
+        stats.prepare("auto")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
