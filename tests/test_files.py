@@ -193,3 +193,27 @@ def test_a_file_in_the_way_of_the_golden_folder_fails_the_test_in_one_line(proje
     ])
     result.stdout.no_fnmatch_line("*.tmp*")
     result.stdout.no_fnmatch_line("*Traceback*")
+
+
+def test_a_report_folder_that_cannot_be_written_fails_the_test_in_one_line(project):
+    """Before: a 111-line traceback through the gpt_trace fixture."""
+    (project.path / "afile").write_text("")
+    result = run(project, "--gpt-trace", "--gpt-trace-report", "afile/reports")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*--gpt-trace-report: cannot write *afile/reports/test_model/test_model.json: "
+                                 "'afile' on its path is a file, not a folder*"])
+    result.stdout.no_fnmatch_line("*Traceback*")
+    result.stdout.no_fnmatch_line("*WriteError*")
+
+
+def test_a_killed_writers_temporary_file_is_removed_when_the_next_session_starts(project):
+    """Before: only a later write into the same folder removed it; a passing run left it forever."""
+    run(project, "--update-golden").assert_outcomes(passed=1)
+    stale = project.path / "golden" / "test_model" / ".test_model.json.abcd1234.tmp"
+    stale.write_text("{")
+    fresh = stale.with_name(".test_model.json.0123abcd.tmp")
+    fresh.write_text("{")  # a writer's that may still be running: kept
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    run(project, "--gpt-trace").assert_outcomes(passed=1)
+    assert not stale.exists() and fresh.exists()
