@@ -578,6 +578,8 @@ def norm_invariant(ctx: Context) -> list[Anomaly]:
         for name, s in it.forward.items():
             if not any(fnmatch.fnmatchcase(name, p) for p in NORM_PATTERNS) or not s.finite or s.all_zero:
                 continue  # an all-zero input normalises to zero: the stage feeding it is the story
+            if f"{name}.weight" in trace.parameters:
+                continue  # a module's output after its learnable scale (HF's RMSNorm): rms 1 is not expected
             rms = s.rms_estimate
             tol = th.norm_rms_tol * (10 if s.dtype in ("torch.bfloat16", "torch.float16") else 1)
             # rows that are exactly zero (padding, a zeroed position) stay zero: rms^2 = share of nonzero rows

@@ -396,8 +396,9 @@ def compare(golden: Trace, obtained: Trace, profile: Profile | None = None) -> C
                 continue  # the obtained report does not record this section
             for stage, g in g_sec.items():
                 if stage not in o_sec:
-                    if not partial_obtained:
-                        mismatches.append(Mismatch(i, section, stage, "presence", "present", "missing"))
+                    if not partial_obtained:  # a parameter frozen on one side reads as frozen
+                        mismatches.append(Mismatch(i, section, stage, "presence", "present",
+                                                   _absent(obtained, section, stage)))
                     continue
                 mismatches += compare_stats(i, section, stage, g, o_sec[stage], profile, quantum=quantum,
                                             partial_obtained=partial_obtained,
@@ -406,12 +407,18 @@ def compare(golden: Trace, obtained: Trace, profile: Profile | None = None) -> C
                 if partial or stage in g_sec:
                     continue
                 if profile.tolerance(stage, "presence") is not None:
-                    mismatches.append(Mismatch(i, section, stage, "presence", "missing", "present"))
+                    mismatches.append(Mismatch(i, section, stage, "presence", _absent(golden, section, stage),
+                                               "present"))
             if section == Section.FORWARD:
                 mismatches += _compare_loss(i, g_it, o_it.loss, profile, quantum, worst)
         if not g_it.forward:
             mismatches += _compare_loss(i, g_it, o_it.loss, profile, quantum, worst)
     return Comparison(golden, obtained, profile, tuple(mismatches), worst.value)
+
+
+def _absent(trace: Trace, section: Section, stage: str) -> str:
+    """How a stage absent from one side reads: a parameter it lists as frozen has no gradient by design."""
+    return "frozen" if section == Section.PARAM_GRADS and stage in trace.frozen_params else "missing"
 
 
 def _compare_loss(i: int, g_it: Iteration, o: float | None, profile: Profile, quantum: float = 0.0,

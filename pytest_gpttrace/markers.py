@@ -8,18 +8,21 @@ the plugin fails that test with it, prefixed by the test's node id.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from .anomalies import Thresholds, check_rules
 from .compare import AUTO, PROFILES, Override, parse_override
 from .settings import Settings
 
+if TYPE_CHECKING:  # torch is imported only when a model is traced
+    from .usermodel import LossFn
+
 MARKER = "gpt_trace"
 KEYS = ("iterations", "seed", "profile", "tolerances", "stages", "micro_steps", "allow", "thresholds",
-        "golden")
+        "golden", "loss")
 DEFAULT_SEED = 42
 SEED_LIMIT = 2**64  # torch.manual_seed takes 0 .. 2**64 - 1 (a negative seed aliases a large one)
 
@@ -37,6 +40,7 @@ class Run:
     allow: tuple[str, ...]              # ini gpt_trace_allow, then the marker's allow=
     thresholds: Thresholds              # defaults, ini gpt_trace_thresholds, then the marker's thresholds=
     golden: str | None = None           # the golden file named by golden=, relative to rootdir; None: from the node id
+    loss: LossFn | None = None          # loss(model, batch) -> loss tensor; None: the gpt_loss_fn fixture's
 
 
 def parse_marker(args: Sequence[object], kwargs: Mapping[str, object], settings: Settings) -> Run:
@@ -55,7 +59,18 @@ def parse_marker(args: Sequence[object], kwargs: Mapping[str, object], settings:
         allow=settings.allow + _allow(kwargs.get("allow")),
         thresholds=_thresholds(kwargs.get("thresholds"), settings.thresholds),
         golden=_golden(kwargs.get("golden"), settings),
+        loss=_loss(kwargs.get("loss")),
     )
+
+
+def _loss(value: object) -> LossFn | None:
+    """A loss function (model, batch) -> loss tensor, in place of the gpt_loss_fn fixture's."""
+    if value is None:
+        return None
+    if not callable(value) or isinstance(value, type):
+        raise _bad("loss", value, "expected a function (model, batch) -> scalar loss tensor")
+    loss: Callable[[Any, Any], Any] = value
+    return loss
 
 
 def _golden(value: object, settings: Settings) -> str | None:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .settings import Settings
     from .terminal import TracedTestSummary
     from .trace import Trace
+    from .usermodel import LossFn
 
 SKIP_REASON = "GPT trace test: run it with `pytest --gpt-trace` (or add --gpt-trace to addopts)"
 _PROPERTY = "gpt_trace_summary"
@@ -85,7 +86,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"{MARKER}(iterations=3, seed=42, profile=None, tolerances=None, stages=None, micro_steps=1, "
-        "allow=(), thresholds=None, golden=None): "
+        "allow=(), thresholds=None, golden=None, loss=None): "
         "a GPT numerics trace test; see pytest-gpttrace's README",
     )
     from .settings import read_settings
@@ -213,12 +214,27 @@ def gpt_model(gpt_config: GPTConfig, gpt_seed: int) -> torch.nn.Module:
 
 
 @pytest.fixture
-def gpt_batches(gpt_config: GPTConfig, gpt_seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """An iterator of (idx, targets) batches; default: the reference model's synthetic batches."""
-    from reference_model import synthetic_batches
+def gpt_batches(gpt_model: torch.nn.Module, gpt_seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """An iterator of (idx, targets) batches, targets the next tokens; default: the reference model's
+    synthetic batches at the model's vocabulary and context length (the reference GPT's config, a
+    Hugging Face or dataclass config, or attributes on the model)."""
+    from .errors import CaptureError
+    from .usermodel import default_batches
 
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = synthetic_batches(gpt_config, seed=gpt_seed)
-    return batches
+    problem = None
+    try:
+        return default_batches(gpt_model, seed=gpt_seed)
+    except CaptureError as exc:
+        problem = str(exc)
+    pytest.fail(problem, pytrace=False)  # outside the except: no chained traceback
+
+
+@pytest.fixture
+def gpt_loss_fn() -> LossFn | None:
+    """loss(model, batch) -> scalar loss tensor for the training loop; default None: the tool's loss
+    (the model's own loss, or the cross-entropy of its logits; see the README's "Your own model").
+    The marker's loss= takes precedence."""
+    return None
 
 
 @pytest.fixture
@@ -236,7 +252,7 @@ def gpt_optimizers(gpt_model: torch.nn.Module) -> list[torch.optim.Optimizer]:
 
 @pytest.fixture
 def gpt_trace(request: pytest.FixtureRequest, gpt_seed: int, gpt_model: torch.nn.Module, gpt_batches: Iterable[Any],
-              gpt_optimizers: Sequence[torch.optim.Optimizer] | None) -> Trace:
+              gpt_optimizers: Sequence[torch.optim.Optimizer] | None, gpt_loss_fn: LossFn | None) -> Trace:
     """Runs the marked number of instrumented training iterations and returns the Trace."""
     from .errors import CaptureError
     from .replay import variant_applied
@@ -253,9 +269,15 @@ def gpt_trace(request: pytest.FixtureRequest, gpt_seed: int, gpt_model: torch.nn
         if problem is not None:  # outside the except: no chained traceback
             _bad_marker(f"{request.node.nodeid}: @pytest.mark.{MARKER}(stages={list(run.stages)!r}): {problem}")
     _seed_everything(gpt_seed)  # the loop's own randomness (dropout, sampled batches) repeats too
+    problem = None
     with variant_applied(settings.replay or {}):  # a calibration replay's variant; nothing otherwise
-        trace = trace_training(gpt_model, gpt_batches, gpt_optimizers, iterations=run.iterations,
-                               micro_steps=run.micro_steps, stages=run.stages)
+        try:
+            trace = trace_training(gpt_model, gpt_batches, gpt_optimizers, iterations=run.iterations,
+                                   micro_steps=run.micro_steps, stages=run.stages, loss_fn=run.loss or gpt_loss_fn)
+        except CaptureError as exc:  # a model, loss or batches the loop cannot use: the reason alone
+            problem = str(exc)
+    if problem is not None:
+        pytest.fail(f"{request.node.nodeid}: {problem}", pytrace=False)
     request.node.stash[_TRACE] = trace
     if settings.report_dir is not None and not settings.replay:  # a replay's trace is not the run's report
         from .traceio import WriteError

@@ -29,7 +29,6 @@ batch, the host clock, the zero census, the statistics path) are in ``recording`
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fnmatch
 import itertools
 import platform
@@ -45,6 +44,7 @@ from .dither import undithered
 from .errors import CaptureError
 from .recording import PendingIteration, StatsPathChoice, ZeroCensus
 from .trace import EnvKey, Iteration, Trace
+from .usermodel import LossFn, default_loss, model_config
 
 TAP_CLASS_NAMES = ("Tap", "HookPoint")
 
@@ -101,15 +101,6 @@ def _tensors(output: object, prefix: str = "") -> Iterator[tuple[str, torch.Tens
     elif isinstance(output, dict):
         for k, item in output.items():
             yield from _tensors(item, f"{prefix}[{k}]")
-
-
-def model_config(model: nn.Module) -> dict[str, Any]:
-    config = getattr(model, "config", None)
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return dataclasses.asdict(config)
-    if isinstance(config, dict):
-        return dict(config)
-    return {}
 
 
 def _cpu_name() -> str:
@@ -365,21 +356,6 @@ def learning_rates(optimizers: Optimizers) -> dict[str, float]:
     return out
 
 
-def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """model(*batch) when it returns the loss; the scalar element when it returns (logits, loss)."""
-    out = model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
-    if isinstance(out, torch.Tensor) and out.numel() == 1:
-        return out
-    if isinstance(out, (tuple, list)):
-        for item in out:
-            if isinstance(item, torch.Tensor) and item.numel() == 1 and item.is_floating_point():
-                return item
-    raise CaptureError(
-        f"{type(model).__name__}(*batch) returned {type(out).__name__}, not a scalar loss: "
-        "pass loss_fn=lambda model, batch: ... to trace_training"
-    )
-
-
 def _differentiable(model: nn.Module, loss: object) -> torch.Tensor:
     """The loss, if backward() can run on it; else the one-line reason why not (a frozen model)."""
     name = type(model).__name__
@@ -408,7 +384,7 @@ def trace_training(
     *,
     micro_steps: int = 1,
     stages: Sequence[str] | None = None,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    loss_fn: LossFn | None = None,
     grads: bool = True,
     stats_path: str | None = None,
 ) -> Trace:
@@ -417,6 +393,8 @@ def trace_training(
 
     micro_steps=k accumulates gradients over k iterations (each backward on loss / k) and steps
     the optimizers after every k-th; an Iteration's ``stepped`` says whether a step followed it.
+    loss_fn(model, batch) -> loss; default ``usermodel.default_loss`` (a loss, (logits, loss), a
+    ModelOutput or dict, Hugging Face labels: see ``usermodel``).
     """
     if iterations < 1:
         raise ValueError(f"iterations must be at least 1, got {iterations}")
