@@ -748,6 +748,8 @@ def _first_per_stage(anomalies: list[Anomaly]) -> list[Anomaly]:
 
 
 # --------------------------------------------------------------------------- entry point
+# Thresholds and RULES are built here, once, from the rules registered above: a new rule is a
+# decorated function placed above this line (in this module), and its row in the README's table.
 if TYPE_CHECKING:
     class Thresholds(_ThresholdMethods):
         """What a type checker sees of the class below: one float field per declared threshold."""
