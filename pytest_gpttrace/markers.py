@@ -14,11 +14,11 @@ from typing import TypeGuard
 
 from .anomalies import Thresholds, check_rules
 from .compare import AUTO, PROFILES, Override, parse_override
-from .settings import Settings
+from .settings import GRANULARITIES, Settings
 
 MARKER = "gpt_trace"
 KEYS = ("iterations", "seed", "profile", "tolerances", "stages", "micro_steps", "allow", "thresholds",
-        "golden")
+        "golden", "granularity")
 DEFAULT_SEED = 42
 SEED_LIMIT = 2**64  # torch.manual_seed takes 0 .. 2**64 - 1 (a negative seed aliases a large one)
 
@@ -36,6 +36,7 @@ class Run:
     allow: tuple[str, ...]              # ini gpt_trace_allow, then the marker's allow=
     thresholds: Thresholds              # defaults, ini gpt_trace_thresholds, then the marker's thresholds=
     golden: str | None = None           # the golden file named by golden=, relative to rootdir; None: from the node id
+    granularity: str = "auto"           # taps, modules, ops or auto: the marker's granularity=, else the ini's
 
 
 def parse_marker(args: Sequence[object], kwargs: Mapping[str, object], settings: Settings) -> Run:
@@ -54,7 +55,16 @@ def parse_marker(args: Sequence[object], kwargs: Mapping[str, object], settings:
         allow=settings.allow + _allow(kwargs.get("allow")),
         thresholds=_thresholds(kwargs.get("thresholds"), settings.thresholds),
         golden=_golden(kwargs.get("golden")),
+        granularity=_granularity(kwargs.get("granularity"), settings.granularity),
     )
+
+
+def _granularity(value: object, default: str) -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str) or value not in GRANULARITIES:
+        raise _bad("granularity", value, f"unknown granularity: choose one of {', '.join(GRANULARITIES)}")
+    return value
 
 
 def _golden(value: object) -> str | None:
