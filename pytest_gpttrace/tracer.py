@@ -96,7 +96,7 @@ def select_stages(model: nn.Module, patterns: Sequence[str] | None = None,
         default = [(n, m) for n, m in modules if is_tap(m)]
     else:
         default = [(n, m) for n, m in modules if _is_leaf(m)]
-    if not default and grain != "ops":
+    if not default:
         raise CaptureError(
             f"{type(model).__name__} has no stages to trace: no taps and no leaf modules "
             "(a model built from plain functions needs Tap modules, or trace its submodules)"

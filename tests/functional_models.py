@@ -81,17 +81,21 @@ class FunctionalGPT(nn.Module):
     """nanochat's architecture at a tiny size, written as most people write it: functions between
     the Linear layers, no taps. lm_head and every c_proj start at zero, as in nanochat."""
 
+    cos: torch.Tensor  # rotary tables (buffers), (1, T, 1, D/2)
+    sin: torch.Tensor
+
     def __init__(self, vocab: int = 64, d: int = 32, T: int = 16, layers: int = 2, n_head: int = 2,
                  bugs: Bugs = Bugs(), seed: int = 0):
         super().__init__()
         torch.manual_seed(seed)
         self.softcap = bugs.softcap
         self.wte = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList([Block(d, n_head, bugs) for _ in range(layers)])
+        blocks = [Block(d, n_head, bugs) for _ in range(layers)]
+        self.blocks = nn.ModuleList(blocks)
         self.lm_head = nn.Linear(d, vocab, bias=False)
         with torch.no_grad():
             self.lm_head.weight.zero_()
-            for block in self.blocks:
+            for block in blocks:
                 block.attn.c_proj.weight.zero_()
                 block.mlp.c_proj.weight.zero_()
         head_dim = d // n_head
