@@ -247,7 +247,7 @@ def test_a_module_called_twice_continues_its_op_count():
         model(torch.randn(2, 4))
         it = cap.end_iteration()
     # its own leaf module: both its output (norm, norm#2) and the op inside it are stages
-    assert list(it.forward) == ["norm", "norm/rms_norm#1", "proj", "norm#2", "norm/rms_norm#2"]
+    assert list(it.forward) == ["norm/rms_norm#1", "norm", "proj", "norm/rms_norm#2", "norm#2"]
 
 
 def test_residual_rule_only_takes_adds_of_the_blocks_shape():
