@@ -18,6 +18,11 @@ step to the best plain step, and the time the capture itself spends per step (it
 end_iteration, measured inside the traced step) as a share of the plain step. Peak memory is the process's peak resident set during the step (Linux: reset through
 /proc/self/clear_refs before each step), or the peak allocated device memory on CUDA.
 
+``--granularity ops`` traces the same architecture as a model without taps is traced: its taps
+dropped, every leaf module (Embedding, Linear) and every functional op of the op list (norms,
+rotary, attention, ReLU², softcap, residual adds, the loss) as stages, the ops seen through the
+TorchFunctionMode; ``modules`` the leaf modules alone; ``taps`` (default) the taps.
+
 The last line is machine-readable:
     overhead depth4=1.04 depth8=1.03 depth12=1.02 mem=1.01
 where mem is the largest memory ratio over the depths.
@@ -40,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pytest_gpttrace.tracer import Capture, capture
+from pytest_gpttrace.tracer import Capture, capture, is_tap
 from reference_model import GPT, GPTConfig
 from reference_model.train import synthetic_batches
 
@@ -110,7 +115,9 @@ def make_run(depth: int, args: argparse.Namespace, device: torch.device) -> tupl
     model.train()
     # One capture for the whole run, as in a training loop that traces every step: its setup (hook
     # registration, the zero-parameter census, compiling the kernel) is paid once, not per step.
-    cap = capture(model, stats_path=args.stats_path).__enter__()
+    # without taps: the architecture as a user writes it (its taps are identities, dropped by name)
+    no_taps = [f"!{name}" for name, m in model.named_modules() if is_tap(m)] if args.granularity != "taps" else None
+    cap = capture(model, no_taps, stats_path=args.stats_path, granularity=args.granularity).__enter__()
     state = RunState(cap)
 
     def train_step() -> torch.Tensor:
@@ -154,7 +161,8 @@ def run_depth(depth: int, args: argparse.Namespace, device: torch.device) -> dic
     config, model, step, state = make_run(depth, args, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"depth {depth}: d_model {config.n_embd}, {config.n_head} heads, {n_params / 1e6:.1f}M parameters, "
-          f"T {config.sequence_len}, V {config.vocab_size}, batch {args.batch_size}", flush=True)
+          f"T {config.sequence_len}, V {config.vocab_size}, batch {args.batch_size}, "
+          f"granularity {args.granularity}", flush=True)
     memory = PeakMemory(device)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
@@ -220,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--stats-path", choices=("auto", "compiled", "eager"), default=None,
                    help="statistics path (default: GPTTRACE_STATS_PATH, else auto)")
+    p.add_argument("--granularity", choices=("taps", "modules", "ops"), default="taps",
+                   help="stages traced: the taps (default), the leaf modules of the model without its taps, "
+                        "or those plus its functional ops")
     args = p.parse_args(argv)
     if args.pairs < 1 or args.warmup < 1:
         p.error("--pairs and --warmup must be at least 1")

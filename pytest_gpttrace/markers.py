@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 
 from .anomalies import Thresholds, check_rules
 from .compare import AUTO, PROFILES, Override, parse_override
-from .settings import Settings
+from .settings import GRANULARITIES, Settings
 
 if TYPE_CHECKING:  # torch is imported only when a model is traced
     from .usermodel import LossFn
 
 MARKER = "gpt_trace"
 KEYS = ("iterations", "seed", "profile", "tolerances", "stages", "micro_steps", "allow", "thresholds",
-        "golden", "loss")
+        "golden", "loss", "granularity")
 DEFAULT_SEED = 42
 SEED_LIMIT = 2**64  # torch.manual_seed takes 0 .. 2**64 - 1 (a negative seed aliases a large one)
 
@@ -41,6 +41,7 @@ class Run:
     thresholds: Thresholds              # defaults, ini gpt_trace_thresholds, then the marker's thresholds=
     golden: str | None = None           # the golden file named by golden=, relative to rootdir; None: from the node id
     loss: LossFn | None = None          # loss(model, batch) -> loss tensor; None: the gpt_loss_fn fixture's
+    granularity: str = "auto"           # taps, modules, ops or auto: the marker's granularity=, else the ini's
 
 
 def parse_marker(args: Sequence[object], kwargs: Mapping[str, object], settings: Settings) -> Run:
@@ -60,7 +61,16 @@ def parse_marker(args: Sequence[object], kwargs: Mapping[str, object], settings:
         thresholds=_thresholds(kwargs.get("thresholds"), settings.thresholds),
         golden=_golden(kwargs.get("golden"), settings),
         loss=_loss(kwargs.get("loss")),
+        granularity=_granularity(kwargs.get("granularity"), settings.granularity),
     )
+
+
+def _granularity(value: object, default: str) -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str) or value not in GRANULARITIES:
+        raise _bad("granularity", value, f"unknown granularity: choose one of {', '.join(GRANULARITIES)}")
+    return value
 
 
 def _loss(value: object) -> LossFn | None:

@@ -77,6 +77,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   help="anomaly rule ids whose errors do not fail tests (they are still reported)")
     parser.addini("gpt_trace_thresholds", type="linelist", default=[],
                   help="anomaly thresholds, one 'name = value' per line (see the README's rule table)")
+    parser.addini("gpt_trace_granularity", default="auto",
+                  help="stages of a model: auto (taps where the model has them, else ops), taps, modules or ops")
+    parser.addini("gpt_trace_ops", type="linelist", default=[],
+                  help="changes to the op list of the ops granularity: names replace it, +name adds, !name drops")
     parser.addini("gpt_trace_tolerances", type="linelist", default=[],
                   help="tolerance overrides, one per line: 'STAGE_GLOB STAT_GLOB atol=X rtol=Y [rms_atol=Z]' "
                        "or 'STAGE_GLOB STAT_GLOB skip'")
@@ -86,7 +90,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"{MARKER}(iterations=3, seed=42, profile=None, tolerances=None, stages=None, micro_steps=1, "
-        "allow=(), thresholds=None, golden=None, loss=None): "
+        "allow=(), thresholds=None, golden=None, loss=None, granularity=None): "
         "a GPT numerics trace test; see pytest-gpttrace's README",
     )
     from .settings import read_settings
@@ -255,25 +259,34 @@ def gpt_trace(request: pytest.FixtureRequest, gpt_seed: int, gpt_model: torch.nn
               gpt_optimizers: Sequence[torch.optim.Optimizer] | None, gpt_loss_fn: LossFn | None) -> Trace:
     """Runs the marked number of instrumented training iterations and returns the Trace."""
     from .errors import CaptureError
+    from .ops import resolve_ops
     from .replay import variant_applied
     from .tracer import select_stages, trace_training
 
     settings = request.config.stash[_SETTINGS]
     run = _run(request.node)
-    if run.stages is not None:
-        problem = None
-        try:
-            select_stages(gpt_model, run.stages)
-        except CaptureError as exc:
-            problem = str(exc)
-        if problem is not None:  # outside the except: no chained traceback
-            _bad_marker(f"{request.node.nodeid}: @pytest.mark.{MARKER}(stages={list(run.stages)!r}): {problem}")
+    problem = None
+    try:
+        select_stages(gpt_model, run.stages, run.granularity)
+    except CaptureError as exc:
+        problem = str(exc)
+    if problem is not None:  # outside the except: no chained traceback
+        given = ([f"stages={list(run.stages)!r}"] if run.stages is not None else []) + \
+            ([f"granularity={run.granularity!r}"] if run.granularity != "auto" else [])
+        _bad_marker(f"{request.node.nodeid}: @pytest.mark.{MARKER}({', '.join(given)}): {problem}")
+    try:
+        resolve_ops(settings.ops, origin="ini gpt_trace_ops")
+    except CaptureError as exc:
+        problem = str(exc)
+    if problem is not None:
+        _bad_marker(f"{request.node.nodeid}: {problem}")
     _seed_everything(gpt_seed)  # the loop's own randomness (dropout, sampled batches) repeats too
     problem = None
     with variant_applied(settings.replay or {}):  # a calibration replay's variant; nothing otherwise
         try:
             trace = trace_training(gpt_model, gpt_batches, gpt_optimizers, iterations=run.iterations,
-                                   micro_steps=run.micro_steps, stages=run.stages, loss_fn=run.loss or gpt_loss_fn)
+                                   micro_steps=run.micro_steps, stages=run.stages, loss_fn=run.loss or gpt_loss_fn,
+                                   granularity=run.granularity, ops=settings.ops)
         except CaptureError as exc:  # a model, loss or batches the loop cannot use: the reason alone
             problem = str(exc)
     if problem is not None:

@@ -2,7 +2,8 @@
 
 - ``StageKey`` (a ``Section`` and a stage name) and ``Extra``: the typed keys into the stats batch.
 - ``PendingIteration``: what the hooks recorded since the last iteration ended: the stats batch,
-  the numbering of a stage seen twice (``name#2``), the tensor hooks still registered, and the
+  the numbering of a stage seen twice (``name#2``) and of an op's calls in a module
+  (``module/op#k``), the tensor hooks still registered, and the
   assembly of the batch's one host copy into an ``Iteration``.
 - ``HostClock``: host seconds spent in the capture's own code (what the overhead benchmark reads).
 - ``ZeroCensus``: which parameters are exactly zero when the capture begins (zero-init choices).
@@ -88,6 +89,7 @@ class PendingIteration:
         self.clock = HostClock()
         self._forward_names = _Occurrences()
         self._grad_names = _Occurrences()
+        self._op_calls: dict[tuple[str, str], int] = {}
         self._tensor_hooks: list[RemovableHandle] = []
 
     @property
@@ -101,6 +103,13 @@ class PendingIteration:
         name = self._forward_names(stage)
         self.batch.add(StageKey(Section.FORWARD, name), output)
         return name
+
+    def op_stage(self, module: str, op: str) -> str:
+        """The name of an op's next call in ``module`` this iteration: ``module/op#k``, k from 1
+        (``op#k`` for the root module's own forward)."""
+        k = self._op_calls.get((module, op), 0) + 1
+        self._op_calls[(module, op)] = k
+        return f"{module}/{op}#{k}" if module else f"{op}#{k}"
 
     def stage_grad(self, stage: str, grad: torch.Tensor) -> None:
         self.batch.add(StageKey(Section.STAGE_GRADS, self._grad_names(stage)), grad)

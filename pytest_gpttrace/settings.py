@@ -18,6 +18,7 @@ from .replay import replay_spec
 
 STATS_PATH_VAR = "GPTTRACE_STATS_PATH"
 STATS_PATHS = ("auto", "compiled", "eager")  # as stats.PATHS; stats imports torch, this module does not
+GRANULARITIES = ("auto", "taps", "modules", "ops")  # as ops.GRANULARITIES (ops imports torch)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class Settings:
     replay: Mapping[str, Any] | None    # this session is a calibration replay: its spec (JSON)
     allow: tuple[str, ...]              # ini gpt_trace_allow
     thresholds: Mapping[str, float]     # ini gpt_trace_thresholds
+    granularity: str = "auto"           # ini gpt_trace_granularity: the marker's default
+    ops: tuple[str, ...] = ()           # ini gpt_trace_ops: changes to the op list (ops.resolve_ops)
 
 
 def read_settings(option: Callable[[str], object], ini: Callable[[str], object], environ: Mapping[str, str], *,
@@ -70,6 +73,13 @@ def read_settings(option: Callable[[str], object], ini: Callable[[str], object],
         thresholds = parse_thresholds(_lines(ini, "gpt_trace_thresholds"))
     except ValueError as exc:
         raise ValueError(f"ini gpt_trace_thresholds: {exc}") from None
+    granularity = str(ini("gpt_trace_granularity") or "auto").strip().lower()
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"ini gpt_trace_granularity: unknown granularity {granularity!r}; "
+                         f"choose one of {', '.join(GRANULARITIES)}")
+    ops = tuple(line.strip() for line in _lines(ini, "gpt_trace_ops") if line.strip())
+    if any(not line.lstrip("+!") for line in ops):
+        raise ValueError(f"ini gpt_trace_ops: an empty op name in {list(ops)!r}")
     return Settings(
         enabled=bool(update or replay or option("gpt_trace") or ini("gpt_trace")),
         update=update,
@@ -86,6 +96,8 @@ def read_settings(option: Callable[[str], object], ini: Callable[[str], object],
         replay=replay,
         allow=allow,
         thresholds=thresholds,
+        granularity=granularity,
+        ops=ops,
     )
 
 

@@ -6,10 +6,13 @@
         cap.end_iteration(loss=loss, stepped=False)
     trace = cap.trace()
 
-Stages are the model's taps (identity modules whose class is named ``Tap`` or ``HookPoint``, or
-that set ``gpttrace_tap = True``); a model with no taps is traced per leaf module (Embedding,
-Linear, ...) by qualified name. Glob patterns narrow or widen the set: a plain pattern keeps the
-default stages it matches, ``+pattern`` adds any module it matches, ``!pattern`` drops stages.
+Stages follow the granularity: ``taps``, the model's taps (identity modules whose class is named
+``Tap`` or ``HookPoint``, or that set ``gpttrace_tap = True``); ``modules``, every leaf module
+(Embedding, Linear, ...) by qualified name; ``ops``, the leaf modules and the results of the
+functional ops the modules' forwards call (``ops``: ``transformer.h.0.attn/rms_norm#1``). The
+default, ``auto``, is ``taps`` for a model with taps, else ``ops``. Glob patterns narrow or widen
+the set: a plain pattern keeps the default stages it matches (op stages too), ``+pattern`` adds any
+module it matches, ``!pattern`` drops stages (op stages too).
 
 Per stage output the forward hook computes statistics on the device and, when the output takes
 part in autograd, registers a tensor hook that computes the statistics of its gradient (robust to
@@ -42,6 +45,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .dither import undithered
 from .errors import CaptureError
+from .ops import OpRecorder, records_inside, resolve_granularity, resolve_ops
 from .recording import PendingIteration, StatsPathChoice, ZeroCensus
 from .trace import EnvKey, Iteration, Trace
 from .usermodel import LossFn, default_loss, model_config
@@ -57,35 +61,56 @@ def _is_leaf(module: nn.Module) -> bool:
     return next(module.children(), None) is None
 
 
-def select_stages(model: nn.Module, patterns: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs to hook, in module order. See the module docstring for patterns."""
+def has_taps(model: nn.Module) -> bool:
+    return any(is_tap(m) for m in model.modules())
+
+
+class StagePatterns:
+    """Stage patterns split by kind: plain ones keep, ``+`` ones add modules, ``!`` ones drop."""
+
+    def __init__(self, patterns: Sequence[str] | None) -> None:
+        self.patterns = list(patterns or [])
+        self.keep = [p for p in self.patterns if not p.startswith(("+", "!"))]
+        self.add = [p[1:] for p in self.patterns if p.startswith("+")]
+        self.drop = [p[1:] for p in self.patterns if p.startswith("!")]
+        for p in self.keep + self.add + self.drop:
+            if not p:
+                raise CaptureError(f"empty stage pattern in {self.patterns!r}")
+
+    @staticmethod
+    def match(name: str, pats: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in pats)
+
+    def keeps_op(self, name: str) -> bool:
+        """An op stage (known only when it runs) is kept by the plain patterns and not dropped."""
+        return (not self.keep or self.match(name, self.keep)) and not self.match(name, self.drop)
+
+
+def select_stages(model: nn.Module, patterns: Sequence[str] | None = None,
+                  granularity: str | None = None) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs to hook, in module order. See the module docstring for patterns
+    and granularities. Under ``ops`` the list may be empty: op stages may still match."""
+    grain = resolve_granularity(granularity, has_taps(model), type(model).__name__)
     modules = [(n, m) for n, m in model.named_modules() if n]
-    taps = [(n, m) for n, m in modules if is_tap(m)]
-    default = taps or [(n, m) for n, m in modules if _is_leaf(m)]
+    if grain == "taps":
+        default = [(n, m) for n, m in modules if is_tap(m)]
+    else:
+        default = [(n, m) for n, m in modules if _is_leaf(m)]
     if not default:
         raise CaptureError(
             f"{type(model).__name__} has no stages to trace: no taps and no leaf modules "
             "(a model built from plain functions needs Tap modules, or trace its submodules)"
         )
-    patterns = list(patterns or [])
-    keep = [p for p in patterns if not p.startswith(("+", "!"))]
-    add = [p[1:] for p in patterns if p.startswith("+")]
-    drop = [p[1:] for p in patterns if p.startswith("!")]
-    for p in keep + add + drop:
-        if not p:
-            raise CaptureError(f"empty stage pattern in {patterns!r}")
-
-    def match(name: str, pats: Sequence[str]) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in pats)
-
+    pats = StagePatterns(patterns)
+    keep, add, drop, match = pats.keep, pats.add, pats.drop, pats.match
     chosen = {n for n, _ in default if not keep or match(n, keep)}
     chosen |= {n for n, _ in modules if match(n, add)}
     chosen -= {n for n, _ in modules if match(n, drop)}
     selected = [(n, m) for n, m in modules if n in chosen]
-    if not selected:
+    if not selected and grain != "ops":
         sample = ", ".join(n for n, _ in default[:5])
         raise CaptureError(
-            f"stage patterns {patterns!r} select none of the {len(default)} stages of "
+            f"stage patterns {pats.patterns!r} select none of the {len(default)} stages of "
             f"{type(model).__name__} (they start: {sample})"
         )
     return selected
@@ -158,12 +183,19 @@ class Capture:
     """
 
     def __init__(self, model: nn.Module, stages: Sequence[str] | None = None, *,
-                 grads: bool = True, param_grads: bool = True, stats_path: str | None = None):
+                 grads: bool = True, param_grads: bool = True, stats_path: str | None = None,
+                 granularity: str | None = None, ops: Sequence[str] | None = None):
         _refuse_meta(model)
         self.model = model
         self.grads = grads
         self.param_grads = param_grads
-        self.stages = select_stages(model, stages)
+        self.granularity = resolve_granularity(granularity, has_taps(model), type(model).__name__)
+        self.stages = select_stages(model, stages, self.granularity)
+        # the functional ops recorded (``ops`` granularity only); the stage patterns filter them too
+        self.ops: tuple[str, ...] = resolve_ops(ops) if self.granularity == "ops" else ()
+        self._patterns = StagePatterns(stages)
+        self._op_kept: dict[str, bool] = {}
+        self._recorder: OpRecorder | None = None
         self.iterations: list[Iteration] = []
         self.autocast: set[str] = set()  # autocast dtypes seen active in a traced forward
         self.last_overhead_s: float | None = None  # host seconds the capture added to the last iteration
@@ -197,18 +229,55 @@ class Capture:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self._active:
                 return
-            pending, device_type = self._pending, self._device.type
-            with pending.clock:
-                if torch.is_autocast_enabled(device_type):
-                    self.autocast.add(f"{device_type} {torch.get_autocast_dtype(device_type)}")
+            pending = self._pending
+            recorder = self._recorder
+            with pending.clock, (recorder.suspended() if recorder is not None else contextlib.nullcontext()):
                 for suffix, t in _tensors(output):
-                    with undithered():
-                        stage = pending.forward(name + suffix, t)
-                    if self.grads and t.requires_grad:
-                        # torch leaves Tensor.register_hook unannotated
-                        handle = t.register_hook(self._grad_hook(stage))  # type: ignore[no-untyped-call]
-                        pending.keep_hook(handle)
+                    self._record(name + suffix, t)
         return hook
+
+    def _record(self, name: str, t: torch.Tensor) -> None:
+        """Queue one stage output's statistics and hook its gradient (inside the pending clock)."""
+        pending, device_type = self._pending, self._device.type
+        if torch.is_autocast_enabled(device_type):
+            self.autocast.add(f"{device_type} {torch.get_autocast_dtype(device_type)}")
+        with undithered():
+            stage = pending.forward(name, t)
+        if self.grads and t.requires_grad:
+            # torch leaves Tensor.register_hook unannotated
+            handle = t.register_hook(self._grad_hook(stage))  # type: ignore[no-untyped-call]
+            pending.keep_hook(handle)
+
+    def _record_op(self, module: str, op: str, t: torch.Tensor) -> None:
+        """An op result seen by the recorder (its handler runs with the mode off the stack)."""
+        if not self._active:
+            return
+        pending = self._pending
+        with pending.clock:
+            name = pending.op_stage(module, op)
+            kept = self._op_kept.get(name)
+            if kept is None:
+                kept = self._op_kept[name] = self._patterns.keeps_op(name)
+            if kept:
+                self._record(name, t)
+
+    def _context_hooks(self, recorder: OpRecorder) -> None:
+        """Forward pre-hooks and hooks on every module: the stack of running modules, and on the
+        root module the mode pushed for its forward and popped after it (also when it raises)."""
+        for name, module in self.model.named_modules():
+            root, records = module is self.model, records_inside(module, is_tap)
+
+            def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, _name: str = name,
+                    _root: bool = root, _records: bool = records) -> None:
+                if self._active:
+                    recorder.enter_module(_name, _records, args, kwargs, _root)
+
+            def post(mod: nn.Module, args: tuple[Any, ...], output: Any, *, _root: bool = root) -> None:
+                if self._active:
+                    recorder.exit_module(_root)
+
+            self._module_hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            self._module_hooks.append(module.register_forward_hook(post, always_call=True))
 
     def _grad_hook(self, stage: str) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
@@ -231,6 +300,9 @@ class Capture:
         try:
             for name, module in self.stages:
                 self._module_hooks.append(module.register_forward_hook(self._forward_hook(name)))
+            if self.ops:
+                self._recorder = OpRecorder(self.ops, self._record_op)
+                self._context_hooks(self._recorder)
         except BaseException:
             self._remove()
             raise
@@ -244,6 +316,9 @@ class Capture:
         for handle in self._module_hooks:
             handle.remove()
         self._module_hooks = []
+        if self._recorder is not None:
+            self._recorder.close()
+            self._recorder = None
         self._pending.close()
 
     def _next_iteration(self) -> None:
@@ -324,12 +399,16 @@ def _refuse_meta(model: nn.Module) -> None:
 
 
 def capture(model: nn.Module, stages: Sequence[str] | None = None, *, grads: bool = True,
-            param_grads: bool = True, stats_path: str | None = None) -> Capture:
+            param_grads: bool = True, stats_path: str | None = None, granularity: str | None = None,
+            ops: Sequence[str] | None = None) -> Capture:
     """Context manager hooking every stage of ``model``; hooks are removed on exit, also on error.
 
     stats_path: "auto", "compiled" or "eager" (default: the GPTTRACE_STATS_PATH variable, else auto).
+    granularity: "auto" (default: taps where the model has them, else ops), "taps", "modules" or "ops".
+    ops: changes to the op list of the ``ops`` granularity (``ops.resolve_ops``: ``["+sigmoid", "!matmul"]``).
     """
-    return Capture(model, stages, grads=grads, param_grads=param_grads, stats_path=stats_path)
+    return Capture(model, stages, grads=grads, param_grads=param_grads, stats_path=stats_path,
+                   granularity=granularity, ops=ops)
 
 
 # ------------------------------------------------------------------------------ training loop
@@ -387,6 +466,8 @@ def trace_training(
     loss_fn: LossFn | None = None,
     grads: bool = True,
     stats_path: str | None = None,
+    granularity: str | None = None,
+    ops: Sequence[str] | None = None,
 ) -> Trace:
     """Run the usual loop (forward, backward, step, zero_grad) for ``iterations`` forward/backward
     passes under capture, and return the Trace.
@@ -394,7 +475,7 @@ def trace_training(
     micro_steps=k accumulates gradients over k iterations (each backward on loss / k) and steps
     the optimizers after every k-th; an Iteration's ``stepped`` says whether a step followed it.
     loss_fn(model, batch) -> loss; default ``usermodel.default_loss`` (a loss, (logits, loss), a
-    ModelOutput or dict, Hugging Face labels: see ``usermodel``).
+    ModelOutput or dict, Hugging Face labels: see ``usermodel``). granularity and ops: as for ``capture``.
     """
     if iterations < 1:
         raise ValueError(f"iterations must be at least 1, got {iterations}")
@@ -406,7 +487,7 @@ def trace_training(
     model.train()
     for opt in opts:
         opt.zero_grad(set_to_none=True)
-    with capture(model, stages, grads=grads, stats_path=stats_path) as cap:
+    with capture(model, stages, grads=grads, stats_path=stats_path, granularity=granularity, ops=ops) as cap:
         for i in range(iterations):
             try:
                 batch = next(stream)

@@ -18,6 +18,7 @@ from pytest_gpttrace import capture, stats, trace_training
 from pytest_gpttrace.compare import EXACT, compare_stats
 from pytest_gpttrace.errors import CaptureError
 from pytest_gpttrace.trace import TensorStats
+from tests.functional_models import FunctionalGPT, functional_batches
 from tests.models import tiny_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,6 +174,27 @@ def host_reads(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, spy)
     return calls
+
+
+@pytest.mark.parametrize("path", ["compiled", "eager"])
+def test_a_step_with_functional_stages_reads_back_to_the_host_once(path, host_reads, monkeypatch, fused_everywhere):
+    if path == "eager":
+        monkeypatch.setenv(stats.ENV_VAR, "eager")
+    model = FunctionalGPT()
+    idx, targets = next(functional_batches())
+    with capture(model) as cap:
+        for i in range(2):
+            host_reads.clear()
+            loss = model(idx, targets)
+            loss.backward()
+            assert host_reads == [], f"read back inside the step: {host_reads}"
+            cap.end_iteration(loss=loss)
+            assert sorted(host_reads) == ["cpu", "tolist"], f"iteration {i}: {host_reads}"
+            model.zero_grad(set_to_none=True)
+    it = cap.iterations[1]
+    assert cap.granularity == "ops" and "blocks.0.attn/scaled_dot_product_attention#1" in it.stage_grads
+    assert sum("/" in name for name in it.forward) > 20
+    assert (len(fused_everywhere) > 50) == (path == "compiled")
 
 
 @pytest.mark.parametrize("path", ["compiled", "eager"])

@@ -35,6 +35,21 @@ def test_hooks_do_not_read_values_back_to_the_host():
     assert counter.count == 0
 
 
+def test_functional_stages_do_not_read_values_back_to_the_host():
+    from tests.functional_models import FunctionalGPT, functional_batches
+
+    model = FunctionalGPT()
+    idx, targets = next(functional_batches())
+    with capture(model) as cap:
+        with CountItemCalls() as counter:
+            loss = model(idx, targets)
+            loss.backward()
+        cap.end_iteration(loss=loss)
+    it = cap.iterations[0]
+    assert sum("/" in name for name in it.forward) > 20 and "blocks.1.attn/rotary#2" in it.stage_grads
+    assert counter.count == 0
+
+
 def test_the_counter_does_see_an_item_call():
     with CountItemCalls() as counter:
         torch.ones(2).sum().item()

@@ -59,4 +59,4 @@ def test_a_calibrated_user_golden_holds_across_platforms_and_catches_a_dropped_s
     assert done.returncode == 0, f"under 1 thread:\n{output(done)}"
     done = run_pytest(project, "native", AUTOCAST=autocast, DROP_SCALE=1)
     assert done.returncode == 1, output(done)
-    assert "first divergence: h.0.c_proj (forward), iteration 0" in output(done)
+    assert "first divergence: h.0/scaled_dot_product_attention#1 (forward), iteration 0" in output(done)

@@ -1,0 +1,310 @@
+"""Functional stages: the results of the torch functions a module's forward calls, named by module.
+
+A model written with functions (``F.rms_norm``, ``F.scaled_dot_product_attention``, ``x.square()``,
+``x + self.attn(x)``) has few leaf modules, and everything between them is invisible to module
+hooks. Under the ``ops`` granularity a ``torch.overrides.TorchFunctionMode`` is active while the
+traced model's forward runs (pushed by a forward pre-hook on the root module, popped by its forward
+hook, which also runs when the forward raises); forward pre-hooks and hooks on every module keep
+the stack of modules whose forward is running. Each call of a function in the op list made
+directly inside a module's forward (or a plain function it calls) is a stage:
+
+    <module>/<op>#<k>           transformer.h.0.attn/rms_norm#2
+    <op>#<k>                    cross_entropy#1 (called in the root module's own forward)
+
+``<module>`` is the innermost running module's qualified name, ``<op>`` the op's name in the list,
+``<k>`` counts that op's calls in that module within one iteration, from 1 (a module called twice
+continues the count). The names follow the model's code and the order of its calls, so they are
+the same in every run and process of the same code (no ids, no hashes). Ops inside a leaf module
+that torch provides (the ``F.linear`` inside ``nn.Linear``, the ``F.layer_norm`` inside
+``nn.LayerNorm``) and inside taps are not recorded: the module's own output is that stage.
+
+Which functions count is ``OPS`` (every op this module knows) and ``DEFAULT_OPS`` (the names on by
+default); ``resolve_ops`` changes the list with the same grammar as stage patterns: plain names
+replace the default list, ``+name`` adds, ``!name`` removes. ``register_op`` adds a rule of one's
+own. Rules look at shapes and dtypes only, never at values: the mode never reads a tensor back to
+the host.
+
+The rules that are more than "this function was called":
+
+- ``add``: the residual add, ``x + f(x)`` (``torch.add``, ``Tensor.add``, ``+``, ``+=``) of two
+  floating tensors of the same shape as the running module's first floating tensor argument (a
+  block's residual stream); the adds inside a rotation or a mask are not its shape and do not count.
+- ``rotary``: ``torch.cat`` / ``torch.stack`` along the last dimension of two or more floating
+  tensors of one shape (the rotated halves ``cat([x1*cos + x2*sin, -x1*sin + x2*cos], -1)``; in
+  Hugging Face's ``rotate_half`` it is the rotated copy, and the sum after it is not recognised).
+- ``softcap``: a tensor returned by ``tanh`` in this forward multiplied by a number
+  (``cap * torch.tanh(logits / cap)``). A bare ``tanh`` is not on by default (``+tanh`` adds it).
+
+Cost: every torch call inside the forward passes through the mode's Python handler (a dictionary
+look-up for calls not in the list); see the README's Performance section for the measured figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode, _pop_mode_temporarily
+
+from .errors import CaptureError
+
+GRANULARITIES = ("auto", "taps", "modules", "ops")
+
+
+@dataclass
+class Frame:
+    """One running module forward: its name, whether ops inside it are stages, and the shape of its
+    first floating tensor argument (the residual stream's, for a block)."""
+
+    name: str
+    records: bool
+    residual: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """What a rule sees of one call: the function's arguments and result, and the running module."""
+
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+    result: Any
+    frame: Frame
+    tanh_result: Callable[[object], bool]  # the tensor came out of tanh in this forward
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """An op of the list: its stage name, the torch callables it covers, and an optional test of
+    the call (shapes and dtypes only; never a value)."""
+
+    name: str
+    functions: tuple[Callable[..., Any], ...]
+    accepts: Callable[[OpCall], bool] | None = None
+    what: str = ""
+
+
+def _floating(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+def _residual_add(call: OpCall) -> bool:
+    if len(call.args) < 2 or call.frame.residual is None:
+        return False
+    a, b = call.args[0], call.args[1]
+    return (_floating(a) and _floating(b) and tuple(a.shape) == tuple(b.shape) == call.frame.residual
+            and "alpha" not in call.kwargs)
+
+
+def _last_dim_join(call: OpCall) -> bool:
+    parts = call.args[0] if call.args else call.kwargs.get("tensors")
+    if not isinstance(parts, (list, tuple)) or len(parts) < 2 or not all(_floating(p) for p in parts):
+        return False
+    shape = tuple(parts[0].shape)
+    if len(shape) < 1 or any(tuple(p.shape) != shape for p in parts):
+        return False
+    dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim", 0)
+    if not isinstance(dim, int):
+        return False
+    out = call.result
+    ndim = out.dim() if isinstance(out, torch.Tensor) else len(shape)
+    return dim in (-1, ndim - 1) and len(shape) >= 2
+
+
+def _scaled_tanh(call: OpCall) -> bool:
+    if len(call.args) < 2:
+        return False
+    a, b = call.args[0], call.args[1]
+    return ((call.tanh_result(a) and isinstance(b, numbers.Number))
+            or (call.tanh_result(b) and isinstance(a, numbers.Number)))
+
+
+T = torch.Tensor
+TANH: tuple[Callable[..., Any], ...] = (torch.tanh, T.tanh, F.tanh)
+
+OPS: dict[str, OpRule] = {rule.name: rule for rule in (
+    OpRule("rms_norm", (F.rms_norm,), what="F.rms_norm"),
+    OpRule("layer_norm", (F.layer_norm,), what="F.layer_norm"),
+    OpRule("group_norm", (F.group_norm,), what="F.group_norm"),
+    OpRule("rotary", (torch.cat, torch.concat, torch.concatenate, torch.stack), _last_dim_join,
+           "torch.cat / torch.stack along the last dimension of equal-shape floating tensors"),
+    OpRule("scaled_dot_product_attention", (F.scaled_dot_product_attention,),
+           what="F.scaled_dot_product_attention"),
+    OpRule("softmax", (F.softmax, torch.softmax, T.softmax), what="F.softmax, torch.softmax, x.softmax()"),
+    OpRule("relu", (F.relu, torch.relu, T.relu), what="F.relu, torch.relu, x.relu()"),
+    OpRule("gelu", (F.gelu,), what="F.gelu"),
+    OpRule("silu", (F.silu,), what="F.silu"),
+    OpRule("square", (torch.square, T.square), what="torch.square, x.square()"),
+    OpRule("softcap", (torch.mul, T.mul, T.__mul__, T.__rmul__), _scaled_tanh,
+           "a number times a tanh result of this forward"),
+    OpRule("add", (torch.add, T.add, T.__add__, T.__radd__, T.add_, T.__iadd__), _residual_add,
+           "x + y of two floating tensors of the running module's residual shape"),
+    OpRule("matmul", (torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm, torch.mm, T.mm),
+           what="x @ y, torch.matmul, bmm, mm"),
+    OpRule("linear", (F.linear,), what="F.linear (outside nn.Linear)"),
+    OpRule("cross_entropy", (F.cross_entropy,), what="F.cross_entropy"),
+    # known, not on by default
+    OpRule("tanh", TANH, what="torch.tanh, x.tanh(), F.tanh"),
+    OpRule("sigmoid", (torch.sigmoid, T.sigmoid, F.sigmoid), what="torch.sigmoid, x.sigmoid()"),
+    OpRule("log_softmax", (F.log_softmax, torch.log_softmax, T.log_softmax), what="F.log_softmax"),
+    OpRule("nll_loss", (F.nll_loss,), what="F.nll_loss"),
+)}
+
+DEFAULT_OPS: tuple[str, ...] = (
+    "rms_norm", "layer_norm", "group_norm", "rotary", "scaled_dot_product_attention", "softmax", "relu",
+    "gelu", "silu", "square", "softcap", "add", "matmul", "linear", "cross_entropy",
+)
+
+
+def register_op(rule: OpRule) -> None:
+    """Make ``rule`` known (by its name; a known name is replaced), to be selected with ``+name``."""
+    if not rule.name or any(c in rule.name for c in "/#") or not rule.functions:
+        raise CaptureError(f"op rule {rule.name!r}: a name without '/' or '#' and at least one function")
+    OPS[rule.name] = rule
+
+
+def resolve_ops(spec: Iterable[str] | None, origin: str = "ops") -> tuple[str, ...]:
+    """The op names in effect: ``DEFAULT_OPS`` changed by ``spec`` (plain names replace the default
+    list, ``+name`` adds, ``!name`` removes); an unknown or empty name raises CaptureError."""
+    lines = [s.strip() for s in (spec or ()) if s.strip()]
+    for line in lines:
+        name = line.lstrip("+!")
+        if name not in OPS:
+            raise CaptureError(f"{origin}: unknown op {name!r}; known ops: {', '.join(OPS)}")
+    keep = [s for s in lines if not s.startswith(("+", "!"))]
+    chosen = list(dict.fromkeys(keep)) if keep else list(DEFAULT_OPS)
+    chosen += [s[1:] for s in lines if s.startswith("+") and s[1:] not in chosen]
+    drop = {s[1:] for s in lines if s.startswith("!")}
+    return tuple(name for name in chosen if name not in drop)
+
+
+def _first_floating_shape(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[int, ...] | None:
+    for value in (*args, *kwargs.values()):
+        if _floating(value):
+            return tuple(value.shape)
+    return None
+
+
+def records_inside(module: nn.Module, is_tap: Callable[[nn.Module], bool]) -> bool:
+    """Ops inside this module are stages, unless it is a tap or a leaf module torch provides."""
+    if is_tap(module):
+        return False
+    leaf = next(module.children(), None) is None
+    return not (leaf and type(module).__module__.startswith("torch."))
+
+
+Record = Callable[[str, str, torch.Tensor], None]  # (module name, op name, result)
+
+
+class OpRecorder(TorchFunctionMode):
+    """The mode that sees every torch call of the traced forward and records those in the op list.
+
+    ``record(module, op, tensor)`` is called from the handler, where the mode is off the stack
+    (torch pops a mode while its handler runs), so what it computes is not seen again; the
+    capture's other work inside a forward (module hooks) runs under ``suspended()``."""
+
+    def __init__(self, ops: Sequence[str], record: Record) -> None:
+        super().__init__()
+        self.ops = tuple(ops)
+        self._rules: dict[Callable[..., Any], OpRule] = {}
+        for name in self.ops:
+            rule = OPS[name]
+            for fn in rule.functions:
+                self._rules.setdefault(fn, rule)
+        self._tanh = set(TANH) if "softcap" in self.ops else set()
+        self._tanh_out: dict[int, weakref.ref[torch.Tensor]] = {}
+        self._record = record
+        self.frames: list[Frame] = []
+        self.depth = 0  # root forwards running (the mode is on the stack while > 0)
+
+    def _is_tanh_result(self, t: object) -> bool:
+        if not isinstance(t, torch.Tensor):
+            return False
+        ref = self._tanh_out.get(id(t))
+        return ref is not None and ref() is t
+
+    def __torch_function__(self, func: Callable[..., Any], types: Iterable[type], args: Sequence[Any] = (),
+                           kwargs: Mapping[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        rule = self._rules.get(func)
+        if func in self._tanh and isinstance(result, torch.Tensor):
+            self._tanh_out[id(result)] = weakref.ref(result)
+        if rule is None or not self.frames or not isinstance(result, torch.Tensor):
+            return result
+        frame = self.frames[-1]
+        if not frame.records:
+            return result
+        if rule.accepts is not None and not rule.accepts(
+                OpCall(tuple(args), kwargs, result, frame, self._is_tanh_result)):
+            return result
+        self._record(frame.name, rule.name, result)
+        return result
+
+    # -- the module stack, from forward pre-hooks and hooks ---------------------------------
+    def enter_module(self, name: str, records: bool, args: Sequence[Any], kwargs: Mapping[str, Any],
+                     root: bool) -> None:
+        if root:
+            if self.depth == 0:
+                self._push()
+            self.depth += 1
+        self.frames.append(Frame(name, records, _first_floating_shape(args, kwargs)))
+
+    def exit_module(self, root: bool) -> None:
+        if self.frames:
+            self.frames.pop()
+        if root and self.depth > 0:
+            self.depth -= 1
+            if self.depth == 0:
+                self._tanh_out.clear()
+                self._pop()
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The capture's own work (statistics) with the mode off the stack: popped when it is on top
+        (the statistics kernel then runs as compiled, without a recompile for the mode), else with
+        torch functions' overrides disabled."""
+        n = torch._C._len_torch_function_stack()
+        stack = [torch._C._get_function_stack_at(i) for i in range(n)] if self.depth else []
+        if not any(mode is self for mode in stack):  # not entered, or inside its own handler
+            yield
+        elif stack[-1] is self:
+            with _pop_mode_temporarily():
+                yield
+        else:
+            with torch._C.DisableTorchFunction():
+                yield
+
+    def close(self) -> None:
+        """Take the mode off the stack if a forward left it there (the capture is closing)."""
+        self.frames.clear()
+        self._tanh_out.clear()
+        if self.depth > 0:
+            self.depth = 0
+            self._pop()
+
+    def _push(self) -> None:
+        self.__enter__()  # type: ignore[no-untyped-call]  # torch leaves TorchFunctionMode.__enter__ unannotated
+
+    def _pop(self) -> None:
+        self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # likewise __exit__
+
+
+def resolve_granularity(requested: str | None, has_taps: bool, model_name: str) -> str:
+    """``taps``, ``modules`` or ``ops``: the requested one, or for ``auto`` / None taps where the
+    model has them, else ``ops`` (leaf modules plus functional ops)."""
+    value = (requested or "auto").strip().lower()
+    if value not in GRANULARITIES:
+        raise CaptureError(f"granularity={requested!r} is not a granularity: use one of {', '.join(GRANULARITIES)}")
+    if value == "auto":
+        return "taps" if has_taps else "ops"
+    if value == "taps" and not has_taps:
+        raise CaptureError(f"granularity='taps', but {model_name} has no taps (modules named Tap or HookPoint, or "
+                           "with gpttrace_tap = True): use 'modules' or 'ops', or add taps")
+    return value
