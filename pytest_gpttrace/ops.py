@@ -29,9 +29,16 @@ The rules that are more than "this function was called":
 - ``add``: the residual add, ``x + f(x)`` (``torch.add``, ``Tensor.add``, ``+``, ``+=``) of two
   floating tensors of the same shape as the running module's first floating tensor argument (a
   block's residual stream); the adds inside a rotation or a mask are not its shape and do not count.
-- ``rotary``: ``torch.cat`` / ``torch.stack`` along the last dimension of two or more floating
-  tensors of one shape (the rotated halves ``cat([x1*cos + x2*sin, -x1*sin + x2*cos], -1)``; in
-  Hugging Face's ``rotate_half`` it is the rotated copy, and the sum after it is not recognised).
+- ``rotary``: the rotated tensor, in either of the two ways RoPE is written. The join form:
+  ``torch.cat`` / ``torch.stack`` along the last dimension of two or more floating tensors of one
+  shape, ``cat([x1*cos + x2*sin, -x1*sin + x2*cos], -1)`` (nanochat). The ``rotate_half`` form
+  (Hugging Face, GPT-NeoX): ``x*cos + rotate_half(x)*sin`` (or ``-``), where ``rotate_half`` joins halves of
+  ``x`` (slices, ``chunk``, and their negations) along the last dimension; the join of plain halves
+  is the rotated copy and not a stage, the sum after it is. A tensor joined to itself
+  (``cat((freqs, freqs), -1)``, a cos/sin table) is not a rotation.
+- ``mask``: ``masked_fill`` (``x.masked_fill(mask, -inf)``, nanoGPT's causal mask) and
+  ``torch.where`` with a boolean condition of floating tensors; its ``-inf`` entries are the mask
+  working, not an overflow.
 - ``softcap``: a tensor returned by ``tanh`` in this forward multiplied by a number
   (``cap * torch.tanh(logits / cap)``). A bare ``tanh`` is not on by default (``+tanh`` adds it).
 
@@ -70,13 +77,17 @@ class Frame:
 
 @dataclass(frozen=True)
 class OpCall:
-    """What a rule sees of one call: the function's arguments and result, and the running module."""
+    """What a rule sees of one call: the function, its arguments and result, the running module,
+    and ``tag(t)``: what the mode knows of where a tensor of this forward came from (``"tanh"``: a
+    tanh result; ``"half"``: a slice of a tensor, or its negation; ``"rotate_half"``: halves joined
+    along the last dimension; ``"rotated"``: a product with a rotate_half result; None)."""
 
+    func: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: Mapping[str, Any]
     result: Any
     frame: Frame
-    tanh_result: Callable[[object], bool]  # the tensor came out of tanh in this forward
+    tag: Callable[[object], str | None]
 
 
 @dataclass(frozen=True)
@@ -102,9 +113,16 @@ def _residual_add(call: OpCall) -> bool:
             and "alpha" not in call.kwargs)
 
 
-def _last_dim_join(call: OpCall) -> bool:
+def _join_parts(call: OpCall) -> list[torch.Tensor] | None:
     parts = call.args[0] if call.args else call.kwargs.get("tensors")
     if not isinstance(parts, (list, tuple)) or len(parts) < 2 or not all(_floating(p) for p in parts):
+        return None
+    return list(parts)
+
+
+def _last_dim_join(call: OpCall) -> bool:
+    parts = _join_parts(call)
+    if parts is None:
         return False
     shape = tuple(parts[0].shape)
     if len(shape) < 1 or any(tuple(p.shape) != shape for p in parts):
@@ -121,19 +139,71 @@ def _scaled_tanh(call: OpCall) -> bool:
     if len(call.args) < 2:
         return False
     a, b = call.args[0], call.args[1]
-    return ((call.tanh_result(a) and isinstance(b, numbers.Number))
-            or (call.tanh_result(b) and isinstance(a, numbers.Number)))
+    return ((call.tag(a) == "tanh" and isinstance(b, numbers.Number))
+            or (call.tag(b) == "tanh" and isinstance(a, numbers.Number)))
 
 
 T = torch.Tensor
 TANH: tuple[Callable[..., Any], ...] = (torch.tanh, T.tanh, F.tanh)
+JOINS: tuple[Callable[..., Any], ...] = (torch.cat, torch.concat, torch.concatenate, torch.stack)
+ADDS: tuple[Callable[..., Any], ...] = (torch.add, T.add, T.__add__, T.__radd__, T.add_, T.__iadd__)
+MULS: tuple[Callable[..., Any], ...] = (torch.mul, T.mul, T.__mul__, T.__rmul__)
+SLICES: tuple[Callable[..., Any], ...] = (T.__getitem__, T.narrow, torch.narrow, T.chunk, torch.chunk,
+                                          T.split, torch.split, T.unbind, torch.unbind)
+NEGS: tuple[Callable[..., Any], ...] = (torch.neg, T.neg, T.__neg__, torch.negative, T.negative)
+
+
+def _rotation(call: OpCall) -> bool:
+    """The rotated tensor of RoPE: a last-dimension join of computed halves (not of plain halves:
+    that is ``rotate_half``'s copy), or ``x*cos + rotate_half(x)*sin``."""
+    if call.func in JOINS:
+        parts = _join_parts(call)
+        # not a copy of plain halves (rotate_half), nor a tensor joined to itself (a cos/sin table)
+        return (_last_dim_join(call) and parts is not None and not all(call.tag(p) == "half" for p in parts)
+                and not all(p is parts[0] for p in parts))
+    if len(call.args) < 2 or "alpha" in call.kwargs:
+        return False
+    a, b = call.args[0], call.args[1]
+    return (_floating(a) and _floating(b) and tuple(a.shape) == tuple(b.shape)
+            and "rotated" in (call.tag(a), call.tag(b)))
+
+
+def _masking(call: OpCall) -> bool:
+    if call.func in (torch.where,):
+        return (len(call.args) == 3 and isinstance(call.args[0], torch.Tensor) and call.args[0].dtype == torch.bool
+                and _floating(call.result))
+    return _floating(call.result)
+
+
+def _provenance(call: OpCall) -> str | None:
+    """The tag of a call's tensor result (see ``OpCall``), from its function and its inputs' tags."""
+    func, args = call.func, call.args
+    if func in TANH:
+        return "tanh"
+    if func in SLICES:
+        return "half"
+    if func in NEGS:
+        return "half" if args and call.tag(args[0]) == "half" else None
+    if func in JOINS:
+        parts = _join_parts(call)
+        return "rotate_half" if parts is not None and all(call.tag(p) == "half" for p in parts) \
+            and _last_dim_join(call) else None
+    if func in MULS and len(args) >= 2:
+        return "rotated" if "rotate_half" in (call.tag(args[0]), call.tag(args[1])) else None
+    return None
+
+
+TAGGED: tuple[Callable[..., Any], ...] = (*TANH, *SLICES, *NEGS, *JOINS, *MULS)
 
 OPS: dict[str, OpRule] = {rule.name: rule for rule in (
     OpRule("rms_norm", (F.rms_norm,), what="F.rms_norm"),
     OpRule("layer_norm", (F.layer_norm,), what="F.layer_norm"),
     OpRule("group_norm", (F.group_norm,), what="F.group_norm"),
-    OpRule("rotary", (torch.cat, torch.concat, torch.concatenate, torch.stack), _last_dim_join,
-           "torch.cat / torch.stack along the last dimension of equal-shape floating tensors"),
+    OpRule("rotary", (*JOINS, torch.add, T.add, T.__add__, T.__radd__, torch.sub, T.sub, T.__sub__), _rotation,
+           "torch.cat / torch.stack along the last dimension of equal-shape floating tensors, or "
+           "x*cos + rotate_half(x)*sin"),
+    OpRule("mask", (T.masked_fill, T.masked_fill_, torch.masked_fill, torch.where), _masking,
+           "x.masked_fill(mask, value), torch.where(bool_mask, x, y)"),
     OpRule("scaled_dot_product_attention", (F.scaled_dot_product_attention,),
            what="F.scaled_dot_product_attention"),
     OpRule("softmax", (F.softmax, torch.softmax, T.softmax), what="F.softmax, torch.softmax, x.softmax()"),
@@ -141,9 +211,9 @@ OPS: dict[str, OpRule] = {rule.name: rule for rule in (
     OpRule("gelu", (F.gelu,), what="F.gelu"),
     OpRule("silu", (F.silu,), what="F.silu"),
     OpRule("square", (torch.square, T.square), what="torch.square, x.square()"),
-    OpRule("softcap", (torch.mul, T.mul, T.__mul__, T.__rmul__), _scaled_tanh,
+    OpRule("softcap", MULS, _scaled_tanh,
            "a number times a tanh result of this forward"),
-    OpRule("add", (torch.add, T.add, T.__add__, T.__radd__, T.add_, T.__iadd__), _residual_add,
+    OpRule("add", ADDS, _residual_add,
            "x + y of two floating tensors of the running module's residual shape"),
     OpRule("matmul", (torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm, torch.mm, T.mm),
            what="x @ y, torch.matmul, bmm, mm"),
@@ -157,7 +227,7 @@ OPS: dict[str, OpRule] = {rule.name: rule for rule in (
 )}
 
 DEFAULT_OPS: tuple[str, ...] = (
-    "rms_norm", "layer_norm", "group_norm", "rotary", "scaled_dot_product_attention", "softmax", "relu",
+    "rms_norm", "layer_norm", "group_norm", "rotary", "mask", "scaled_dot_product_attention", "softmax", "relu",
     "gelu", "silu", "square", "softcap", "add", "matmul", "linear", "cross_entropy",
 )
 
@@ -212,39 +282,53 @@ class OpRecorder(TorchFunctionMode):
     def __init__(self, ops: Sequence[str], record: Record) -> None:
         super().__init__()
         self.ops = tuple(ops)
-        self._rules: dict[Callable[..., Any], OpRule] = {}
+        self._rules: dict[Callable[..., Any], list[OpRule]] = {}
         for name in self.ops:
             rule = OPS[name]
             for fn in rule.functions:
-                self._rules.setdefault(fn, rule)
-        self._tanh = set(TANH) if "softcap" in self.ops else set()
-        self._tanh_out: dict[int, weakref.ref[torch.Tensor]] = {}
+                self._rules.setdefault(fn, []).append(rule)  # in the list's order: the first that accepts
+        # the calls whose results are tagged (OpCall.tag), only for the rules that read the tags
+        tagged: set[Callable[..., Any]] = set()
+        if "softcap" in self.ops:
+            tagged.update(TANH)
+        if "rotary" in self.ops:
+            tagged.update((*SLICES, *NEGS, *JOINS, *MULS))
+        self._tagged = frozenset(tagged)
+        self._tags: dict[int, tuple[str, weakref.ref[torch.Tensor]]] = {}
         self._record = record
         self.frames: list[Frame] = []
         self.depth = 0  # root forwards running (the mode is on the stack while > 0)
 
-    def _is_tanh_result(self, t: object) -> bool:
+    def _tag_of(self, t: object) -> str | None:
         if not isinstance(t, torch.Tensor):
-            return False
-        ref = self._tanh_out.get(id(t))
-        return ref is not None and ref() is t
+            return None
+        entry = self._tags.get(id(t))
+        return entry[0] if entry is not None and entry[1]() is t else None
+
+    def _tag(self, result: object, tag: str) -> None:
+        for t in (result if isinstance(result, (tuple, list)) else (result,)):
+            if isinstance(t, torch.Tensor):
+                self._tags[id(t)] = (tag, weakref.ref(t))
 
     def __torch_function__(self, func: Callable[..., Any], types: Iterable[type], args: Sequence[Any] = (),
                            kwargs: Mapping[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        rule = self._rules.get(func)
-        if func in self._tanh and isinstance(result, torch.Tensor):
-            self._tanh_out[id(result)] = weakref.ref(result)
-        if rule is None or not self.frames or not isinstance(result, torch.Tensor):
+        rules = self._rules.get(func)
+        if rules is None and func not in self._tagged:
             return result
-        frame = self.frames[-1]
-        if not frame.records:
+        frame = self.frames[-1] if self.frames else None
+        call = OpCall(func, tuple(args), kwargs, result, frame or Frame("", False, None), self._tag_of)
+        if func in self._tagged:
+            tag = _provenance(call)
+            if tag is not None:
+                self._tag(result, tag)
+        if rules is None or frame is None or not frame.records or not isinstance(result, torch.Tensor):
             return result
-        if rule.accepts is not None and not rule.accepts(
-                OpCall(tuple(args), kwargs, result, frame, self._is_tanh_result)):
-            return result
-        self._record(frame.name, rule.name, result)
+        for rule in rules:
+            if rule.accepts is None or rule.accepts(call):
+                self._record(frame.name, rule.name, result)
+                break
         return result
 
     # -- the module stack, from forward pre-hooks and hooks ---------------------------------
@@ -262,7 +346,7 @@ class OpRecorder(TorchFunctionMode):
         if root and self.depth > 0:
             self.depth -= 1
             if self.depth == 0:
-                self._tanh_out.clear()
+                self._tags.clear()
                 self._pop()
 
     @contextlib.contextmanager
@@ -284,7 +368,7 @@ class OpRecorder(TorchFunctionMode):
     def close(self) -> None:
         """Take the mode off the stack if a forward left it there (the capture is closing)."""
         self.frames.clear()
-        self._tanh_out.clear()
+        self._tags.clear()
         if self.depth > 0:
             self.depth = 0
             self._pop()

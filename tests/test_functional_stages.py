@@ -254,11 +254,11 @@ def test_residual_rule_only_takes_adds_of_the_blocks_shape():
     accepts = ops.OPS["add"].accepts
     assert accepts is not None
     x = torch.randn(2, 3, 4)
-    call = ops.OpCall((x, x), {}, x + x, ops.Frame("b", True, (2, 3, 4)), lambda t: False)
+    call = ops.OpCall(torch.add, (x, x), {}, x + x, ops.Frame("b", True, (2, 3, 4)), lambda t: None)
     assert accepts(call)
     half = x[..., :2]
-    assert not accepts(ops.OpCall((half, half), {}, half + half, call.frame, lambda t: False))
-    assert not accepts(ops.OpCall((x, 1.0), {}, x + 1, call.frame, lambda t: False))
+    assert not accepts(ops.OpCall(torch.add, (half, half), {}, half + half, call.frame, lambda t: None))
+    assert not accepts(ops.OpCall(torch.add, (x, 1.0), {}, x + 1, call.frame, lambda t: None))
 
 
 # ------------------------------------------------------------------------------ lifecycle, no host sync

@@ -156,6 +156,52 @@ def transformers_loaded():
     hf_gpt2(), hf_llama()
 
 
+# ------------------------------------------------------------------------------ stages inside HF models
+def trace_hf(make, iterations=2):
+    torch.manual_seed(0)
+    model = make()
+    batches = default_batches(model, seed=0)
+    return trace_training(model, batches, [torch.optim.AdamW(model.parameters(), lr=1e-3)], iterations=iterations)
+
+
+def test_hugging_face_llama_has_rotary_attention_and_residual_stages_per_layer(transformers_loaded):
+    forward = trace_hf(hf_llama, iterations=1).iterations[0].forward
+    for i in range(2):
+        attn = f"model.layers.{i}.self_attn"
+        # q*cos + rotate_half(q)*sin, the same for k: the rotated tensors, not rotate_half's copy
+        assert forward[f"{attn}/rotary#1"].shape == forward[f"{attn}/rotary#2"].shape == (1, 2, T, 16)  # one sequence per batch
+        assert f"{attn}/rotary#3" not in forward
+        assert f"{attn}/scaled_dot_product_attention#1" in forward
+        assert [f"model.layers.{i}/add#1", f"model.layers.{i}/add#2"] == \
+            [n for n in forward if n.startswith(f"model.layers.{i}/add")]
+    assert not any(n.startswith("model.rotary_emb/") for n in forward)  # cat((freqs, freqs)) is a table
+
+
+def test_a_rope_bug_in_hugging_face_llama_is_named_at_its_rotary_stage(transformers_loaded, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    healthy = trace_hf(hf_llama)
+
+    def rotated_backwards(q, k, cos, sin, unsqueeze_dim=1):  # `-` for `+`: a rotation by -angle
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        rotate_half = modeling_llama.rotate_half
+        return q * cos - rotate_half(q) * sin, k * cos - rotate_half(k) * sin
+
+    # rotate_half's own output is unchanged by this bug: only the sum after it shows it
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", rotated_backwards)
+    result = compare(healthy, trace_hf(hf_llama))
+    assert result.first is not None
+    assert (result.first.iteration, str(result.first.section), result.first.stage) == \
+        (0, "forward", "model.layers.0.self_attn/rotary#1")
+
+
+def test_hugging_face_gpt2_has_attention_and_residual_stages_per_layer(transformers_loaded):
+    forward = trace_hf(hf_gpt2, iterations=1).iterations[0].forward
+    for i in range(2):
+        assert f"transformer.h.{i}.attn/scaled_dot_product_attention#1" in forward
+        assert f"transformer.h.{i}/add#1" in forward and f"transformer.h.{i}/add#2" in forward
+
+
 # ------------------------------------------------------------------------------ the default loss
 def test_a_hugging_face_model_gets_the_next_token_loss_shifted_once(transformers_loaded):
     torch.manual_seed(0)
