@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from .errors import GptTraceError
+from .errors import CaptureError, GptTraceError
 
 if TYPE_CHECKING:
     from .anomalies import Anomaly
@@ -89,8 +89,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = GPT(config, seed=args.seed).to(args.device)
     batches = synthetic_batches(config, seed=args.seed, device=args.device)
     opts = [] if args.no_step else optimizers(model)
-    trace = trace_training(model, batches, opts, iterations=args.iterations,
-                           micro_steps=args.micro_steps, stages=args.stages or None)
+    try:
+        trace = trace_training(model, batches, opts, iterations=args.iterations, micro_steps=args.micro_steps,
+                               stages=args.stages or None, granularity=args.granularity, ops=args.ops)
+    except CaptureError as exc:
+        raise SystemExit(_usage_error(f"run: {exc}")) from None
     options = {"all_iterations": args.all_iterations, "generated": _now(), "anomalies": _anomaly_section(trace)}
     if args.json:
         write_trace(args.json, trace, "json")
@@ -224,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
     run.add_argument("--stages", action="append", metavar="GLOB",
                      help="stage glob (repeatable): plain keeps, +GLOB adds any module, !GLOB drops")
+    run.add_argument("--granularity", choices=("auto", "taps", "modules", "ops"), default="auto",
+                     help="what a stage is: the model's taps (auto), every leaf module, or leaf modules plus "
+                          "functional ops")
+    run.add_argument("--ops", action="append", metavar="OP",
+                     help="op-list change for --granularity ops (repeatable): NAME replaces the list, +NAME adds, "
+                          "!NAME drops")
     run.add_argument("--json", metavar="PATH", help="write the JSON trace here")
     run.add_argument("--markdown", metavar="PATH", help="write the Markdown report here")
     run.add_argument("--all-iterations", action="store_true", help="render every iteration in full")

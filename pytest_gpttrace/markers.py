@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # torch is imported only when a model is traced
 
 MARKER = "gpt_trace"
 KEYS = ("iterations", "seed", "profile", "tolerances", "stages", "micro_steps", "allow", "thresholds",
-        "golden", "loss", "granularity")
+        "golden", "loss", "granularity", "ops")
 DEFAULT_SEED = 42
 SEED_LIMIT = 2**64  # torch.manual_seed takes 0 .. 2**64 - 1 (a negative seed aliases a large one)
 
@@ -41,7 +41,8 @@ class Run:
     thresholds: Thresholds              # defaults, ini gpt_trace_thresholds, then the marker's thresholds=
     golden: str | None = None           # the golden file named by golden=, relative to rootdir; None: from the node id
     loss: LossFn | None = None          # loss(model, batch) -> loss tensor; None: the gpt_loss_fn fixture's
-    granularity: str = "auto"           # taps, modules, ops or auto: the marker's granularity=, else the ini's
+    granularity: str = "auto"           # taps, modules, ops or auto: the marker's granularity=, else the session's
+    ops: tuple[str, ...] = ()           # changes to the op list: ini gpt_trace_ops, then the marker's ops=
 
 
 def parse_marker(args: Sequence[object], kwargs: Mapping[str, object], settings: Settings) -> Run:
@@ -62,7 +63,19 @@ def parse_marker(args: Sequence[object], kwargs: Mapping[str, object], settings:
         golden=_golden(kwargs.get("golden"), settings),
         loss=_loss(kwargs.get("loss")),
         granularity=_granularity(kwargs.get("granularity"), settings.granularity),
+        ops=_ops(kwargs.get("ops"), settings.ops),
     )
+
+
+def _ops(value: object, ini: tuple[str, ...]) -> tuple[str, ...]:
+    """The marker's op-list changes after the ini's; plain names replace the list, so a marker with
+    a plain name replaces the ini's changes too. Names are checked where torch is loaded."""
+    lines = tuple(line.strip() for line in _lines("ops", value) if line.strip())
+    if any(not line.lstrip("+!") for line in lines) or (value is not None and not lines):
+        raise _bad("ops", value, "an empty op name: give op names (rms_norm), +name to add or !name to drop")
+    if any(not line.startswith(("+", "!")) for line in lines):
+        return lines
+    return ini + lines
 
 
 def _granularity(value: object, default: str) -> str:

@@ -61,6 +61,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--gpt-trace-profile", metavar="NAME", default=None,
                     help="tolerance profile: auto (default: calibrated for a golden with a noise band, exact "
                          "for one without), calibrated, exact or statistical (ini: gpt_trace_profile)")
+    group.addoption("--gpt-trace-granularity", metavar="NAME", default=None,
+                    help="what a stage is: auto (default: taps where the model has them, else ops), taps, "
+                         "modules or ops (ini: gpt_trace_granularity; a marker's granularity= wins)")
     parser.addini("gpt_trace", type="bool", default=False, help="run GPT trace tests without --gpt-trace")
     parser.addini("gpt_trace_golden_dir", default="golden", help="golden trace folder, relative to rootdir")
     parser.addini("gpt_trace_results_dir", default=".gpttrace-results",
@@ -90,7 +93,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"{MARKER}(iterations=3, seed=42, profile=None, tolerances=None, stages=None, micro_steps=1, "
-        "allow=(), thresholds=None, golden=None, loss=None, granularity=None): "
+        "allow=(), thresholds=None, golden=None, loss=None, granularity=None, ops=None): "
         "a GPT numerics trace test; see pytest-gpttrace's README",
     )
     from .settings import read_settings
@@ -276,6 +279,7 @@ def gpt_trace(request: pytest.FixtureRequest, gpt_seed: int, gpt_model: torch.nn
         _bad_marker(f"{request.node.nodeid}: @pytest.mark.{MARKER}({', '.join(given)}): {problem}")
     try:
         resolve_ops(settings.ops, origin="ini gpt_trace_ops")
+        resolve_ops(run.ops, origin=f"@pytest.mark.{MARKER}(ops={list(run.ops)!r})")
     except CaptureError as exc:
         problem = str(exc)
     if problem is not None:
@@ -286,7 +290,7 @@ def gpt_trace(request: pytest.FixtureRequest, gpt_seed: int, gpt_model: torch.nn
         try:
             trace = trace_training(gpt_model, gpt_batches, gpt_optimizers, iterations=run.iterations,
                                    micro_steps=run.micro_steps, stages=run.stages, loss_fn=run.loss or gpt_loss_fn,
-                                   granularity=run.granularity, ops=settings.ops)
+                                   granularity=run.granularity, ops=run.ops)
         except CaptureError as exc:  # a model, loss or batches the loop cannot use: the reason alone
             problem = str(exc)
     if problem is not None:
@@ -336,6 +340,9 @@ def _calibrator(request: pytest.FixtureRequest) -> Callable[[Trace], Calibrated]
     config = request.config
     settings = config.stash[_SETTINGS]
     extra = ["-n", "0"] if config.pluginmanager.hasplugin("xdist") else []
+    granularity = config.getoption("gpt_trace_granularity")
+    if granularity:  # a replay traces the stages the recording run traced
+        extra += ["--gpt-trace-granularity", str(granularity)]
     session = Session(nodeid=request.node.nodeid, rootdir=settings.rootdir,
                       inifile=Path(config.inipath) if config.inipath else None, extra_args=extra)
     return calibrator(session, dithers=settings.dithers)

@@ -38,7 +38,7 @@ class Settings:
     replay: Mapping[str, Any] | None    # this session is a calibration replay: its spec (JSON)
     allow: tuple[str, ...]              # ini gpt_trace_allow
     thresholds: Mapping[str, float]     # ini gpt_trace_thresholds
-    granularity: str = "auto"           # ini gpt_trace_granularity: the marker's default
+    granularity: str = "auto"           # --gpt-trace-granularity, else ini gpt_trace_granularity: the marker's default
     ops: tuple[str, ...] = ()           # ini gpt_trace_ops: changes to the op list (ops.resolve_ops)
 
 
@@ -73,10 +73,11 @@ def read_settings(option: Callable[[str], object], ini: Callable[[str], object],
         thresholds = parse_thresholds(_lines(ini, "gpt_trace_thresholds"))
     except ValueError as exc:
         raise ValueError(f"ini gpt_trace_thresholds: {exc}") from None
-    granularity = str(ini("gpt_trace_granularity") or "auto").strip().lower()
+    given = option("gpt_trace_granularity")
+    granularity = str(given or ini("gpt_trace_granularity") or "auto").strip().lower()
     if granularity not in GRANULARITIES:
-        raise ValueError(f"ini gpt_trace_granularity: unknown granularity {granularity!r}; "
-                         f"choose one of {', '.join(GRANULARITIES)}")
+        where = "--gpt-trace-granularity" if given else "ini gpt_trace_granularity"
+        raise ValueError(f"{where}: unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
     ops = tuple(line.strip() for line in _lines(ini, "gpt_trace_ops") if line.strip())
     if any(not line.lstrip("+!") for line in ops):
         raise ValueError(f"ini gpt_trace_ops: an empty op name in {list(ops)!r}")

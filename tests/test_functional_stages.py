@@ -19,6 +19,7 @@ from pytest_gpttrace.settings import GRANULARITIES
 from pytest_gpttrace.tracer import select_stages
 from tests.functional_models import Bugs, FunctionalGPT, functional_batches, functional_optimizer
 from tests.models import UserGPT, tiny_reference, user_batches
+from tests.projects import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = 2
@@ -295,3 +296,84 @@ def test_a_paused_capture_records_no_ops():
         with cap.paused():
             model(*next(functional_batches()))
         assert cap._pending.empty
+
+
+# ------------------------------------------------------------------------------ the marker, the option, the CLI
+def _settings(tmp_path, **kwargs):
+    from pytest_gpttrace.settings import Settings
+
+    return Settings(enabled=True, update=False, recalibrate=False, golden_dir=tmp_path, results_dir=tmp_path,
+                    report_dir=None, rootdir=tmp_path, profile="auto", tolerances=(), iterations=3,
+                    calibration=False, dithers=2, replay=None, allow=(), thresholds={}, **kwargs)
+
+
+def test_the_markers_ops_change_the_ini_list_or_replace_it(tmp_path):
+    from pytest_gpttrace.markers import parse_marker
+
+    settings = _settings(tmp_path, ops=("!matmul",))
+    assert parse_marker((), {}, settings).ops == ("!matmul",)
+    assert parse_marker((), {"ops": "+tanh"}, settings).ops == ("!matmul", "+tanh")
+    assert parse_marker((), {"ops": ["rms_norm", "+tanh"]}, settings).ops == ("rms_norm", "+tanh")
+    for bad in (3, [""], [], "!"):
+        with pytest.raises(ValueError, match=r"^@pytest.mark.gpt_trace\(ops="):
+            parse_marker((), {"ops": bad}, settings)
+
+
+OPTION_CONFTEST = """
+import pytest
+from tests.functional_models import FunctionalGPT, functional_batches
+
+@pytest.fixture
+def gpt_model():
+    return FunctionalGPT(layers=1)
+
+@pytest.fixture
+def gpt_batches():
+    return functional_batches()
+"""
+
+OPTION_TESTS = """
+import pytest
+
+def test_default(gpt_trace):
+    print("STAGES", sorted({n.split("#")[0] for n in gpt_trace.iterations[0].forward if "#" in n}))
+
+@pytest.mark.gpt_trace(ops=["+tanh", "!matmul"])
+def test_ops(gpt_trace):
+    print("STAGES", sorted({n.split("#")[0] for n in gpt_trace.iterations[0].forward if "#" in n}))
+
+@pytest.mark.gpt_trace(ops="+nope")
+def test_unknown(gpt_trace):
+    pass
+"""
+
+
+def test_the_granularity_option_and_the_markers_ops_reach_the_tracer(pytester, monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)
+    pytester.makeconftest(OPTION_CONFTEST)
+    pytester.makepyfile(test_option=OPTION_TESTS)
+    result = run(pytester, "--gpt-trace", "-s", "--gpt-trace-granularity", "modules", "-k", "default")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*STAGES []*"])  # modules: no op stages
+    result = run(pytester, "--gpt-trace", "-s", "-k", "ops or unknown")
+    result.assert_outcomes(passed=1, errors=1)  # a marker that cannot work errors its test
+    result.stdout.fnmatch_lines(["*STAGES *'softcap', 'tanh'*", "*test_unknown*ops=?'+nope'?)*unknown op 'nope'*"])
+    result = run(pytester, "--gpt-trace", "--gpt-trace-granularity", "leaves")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--gpt-trace-granularity: unknown granularity 'leaves'*"])
+
+
+def test_gpttrace_run_takes_a_granularity(tmp_path):
+    from pytest_gpttrace.cli import main as gpttrace
+    from pytest_gpttrace.traceio import read_trace
+
+    out = tmp_path / "t.json"
+    args = ["run", "--depth", "1", "--sequence-len", "16", "--vocab-size", "64", "--iterations", "1",
+            "--json", str(out)]
+    assert gpttrace([*args, "--granularity", "ops", "--ops", "!matmul"]) == 0
+    names = list(read_trace(out).iterations[0].forward)
+    assert "blocks.0.attn/scaled_dot_product_attention#1" in names and "blocks.0.attn.q_rope" in names
+    assert not any("/matmul#" in n for n in names)
+    with pytest.raises(SystemExit) as exc:
+        gpttrace([*args, "--granularity", "ops", "--ops", "nope"])
+    assert exc.value.code == 2
