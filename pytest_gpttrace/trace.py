@@ -102,6 +102,7 @@ class EnvKey(str, Enum):
     THREADS = "threads"  # torch threads
     STATS_PATH = "stats_path"  # the statistics path that ran: compiled or eager
     STATS_NOTE = "stats_note"  # why the statistics path is not the one asked for, when it is not
+    GRANULARITY = "granularity"  # what a stage was: taps, modules or ops, and what auto left out
     SOURCE = "source"  # the format a trace was read from, when not JSON ("markdown")
 
     def __str__(self) -> str:

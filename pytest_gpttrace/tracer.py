@@ -156,7 +156,7 @@ def device_provenance(device: torch.device) -> dict[str, str | bool]:
 
 
 def environment(model: nn.Module, stats_path: str = "eager", stats_note: str | None = None,
-                autocast: Sequence[str] = ()) -> dict[str, str | int | bool]:
+                autocast: Sequence[str] = (), granularity: str | None = None) -> dict[str, str | int | bool]:
     param = next(model.parameters(), None)
     floating = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -172,6 +172,7 @@ def environment(model: nn.Module, stats_path: str = "eager", stats_note: str | N
         EnvKey.THREADS.value: torch.get_num_threads(),
         EnvKey.STATS_PATH.value: stats_path,
         **({EnvKey.STATS_NOTE.value: stats_note} if stats_note else {}),
+        **({EnvKey.GRANULARITY.value: granularity} if granularity else {}),
     }
 
 
@@ -189,6 +190,7 @@ class Capture:
         self.model = model
         self.grads = grads
         self.param_grads = param_grads
+        self._requested_granularity = granularity
         self.granularity = resolve_granularity(granularity, has_taps(model), type(model).__name__)
         self.stages = select_stages(model, stages, self.granularity)
         # the functional ops recorded (``ops`` granularity only); the stage patterns filter them too
@@ -368,6 +370,17 @@ class Capture:
         self._next_iteration()
         return it
 
+    def granularity_note(self) -> str:
+        """The granularity that ran; for taps chosen by ``auto``, what it leaves out and how to get it."""
+        if self.granularity != "taps" or self._requested_granularity not in (None, "auto"):
+            return self.granularity
+        taps = sum(1 for _, m in self.model.named_modules() if is_tap(m))
+        others = sum(1 for n, m in self.model.named_modules() if n and _is_leaf(m) and not is_tap(m))
+        if not others:
+            return "taps"
+        return (f"taps (auto: the model has {taps} taps; its {others} other leaf modules and its functional ops "
+                "are traced too with granularity='ops')")
+
     def path_note(self) -> str | None:
         """Why statistics ran (partly) eager: the fallback reason, or the dtypes that failed to compile."""
         return self._path.explain()
@@ -375,7 +388,8 @@ class Capture:
     def trace(self) -> Trace:
         return Trace(
             config=model_config(self.model),
-            environment=environment(self.model, self.stats_path, self.path_note(), sorted(self.autocast)),
+            environment=environment(self.model, self.stats_path, self.path_note(), sorted(self.autocast),
+                                    self.granularity_note()),
             iterations=tuple(self.iterations),
             parameters={n: tuple(p.shape) for n, p in self.model.named_parameters()},
             model=type(self.model).__name__,
