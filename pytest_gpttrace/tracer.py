@@ -71,8 +71,9 @@ def _is_leaf(module: nn.Module) -> bool:
 
 
 def _recomputing() -> bool:
-    """Autograd is executing a backward on this thread: a forward now is a checkpoint's recomputation."""
-    return torch._C._current_graph_task_id() != -1
+    """Autograd is executing a backward on this thread: a forward now is a checkpoint's recomputation.
+    Not asked while dynamo traces a hook: the query is not traceable and would break the graph."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def has_taps(model: nn.Module) -> bool:
