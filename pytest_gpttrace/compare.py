@@ -13,6 +13,12 @@ provenance is not complete (a parsed Markdown report shows a selection of stages
 parameter gradients) is not held to the stages it does not list, and a trace's provenance quantum
 (a report's %.6f rounding) widens every tolerance.
 
+Coverage is a finding of its own (``Comparison.coverage``, ``CoverageFinding``): per stage call site
+(``name`` and ``name#2``, ``module/op#1`` and ``module/op#2``: see ``coverage``), the iterations
+where the obtained trace called it another number of times than the golden (``missing in
+iteration 1``, ``fired twice in iteration 0, the golden once``), and the selected stages the
+obtained capture never saw fire. The presence mismatches behind it stay in ``mismatches``.
+
 Mismatches come out in execution order: iteration, then its forward stages (in the golden's
 order), its loss, its stage gradients (backward order), its parameter gradients. The first one is
 where the numerics first diverge.
@@ -26,6 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from .calibrate import effective_bands, scale
+from .coverage import calls, iterations_text, times
 from .trace import STAGE_SECTIONS, Iteration, Section, TensorStats, Trace
 
 STATS = ("mean", "std", "min", "max", "rms", "zero_frac")
@@ -273,12 +280,48 @@ class _Worst:
 
 
 @dataclass(frozen=True)
+class CoverageFinding:
+    """A stage call site the obtained trace called ``obtained`` times in ``iterations`` where the
+    golden called it ``golden`` times (0: not at all); ``golden`` None: a selected stage the
+    obtained capture never saw fire, in any iteration."""
+
+    section: Section
+    stage: str  # the call site: the stage name without its call number
+    iterations: tuple[int, ...]
+    golden: int | None
+    obtained: int
+
+    @property
+    def kind(self) -> str:
+        """``never fired``, ``missing`` (golden calls, obtained none), ``extra`` (the reverse), ``calls``."""
+        if self.golden is None:
+            return "never fired"
+        if self.obtained == 0:
+            return "missing"
+        return "extra" if self.golden == 0 else "calls"
+
+    @property
+    def message(self) -> str:
+        """``blocks.1.mlp (forward) missing in iteration 1`` and the like."""
+        what = f"{self.stage} ({self.section.label})"
+        when = iterations_text(self.iterations)
+        if self.golden is None:
+            return f"{what} never fired: selected, but its module ran in no iteration"
+        if self.obtained == 0:
+            return f"{what} missing in {when}" + (f" (the golden: {times(self.golden)})" if self.golden > 1 else "")
+        if self.golden == 0:
+            return f"{what} fired in {when}, not in the golden"
+        return f"{what} fired {times(self.obtained)} in {when}, the golden {times(self.golden)}"
+
+
+@dataclass(frozen=True)
 class Comparison:
     golden: Trace
     obtained: Trace
     profile: Profile
     mismatches: tuple[Mismatch, ...] = field(default_factory=tuple)
     worst: Headroom | None = None  # the closest call among the compared statistics
+    coverage: tuple[CoverageFinding, ...] = ()  # stages that fired otherwise than in the golden
 
     @property
     def ok(self) -> bool:
@@ -413,7 +456,37 @@ def compare(golden: Trace, obtained: Trace, profile: Profile | None = None) -> C
                 mismatches += _compare_loss(i, g_it, o_it.loss, profile, quantum, worst)
         if not g_it.forward:
             mismatches += _compare_loss(i, g_it, o_it.loss, profile, quantum, worst)
-    return Comparison(golden, obtained, profile, tuple(mismatches), worst.value)
+    return Comparison(golden, obtained, profile, tuple(mismatches), worst.value,
+                      coverage_findings(golden, obtained, profile))
+
+
+COVERAGE_SECTIONS = (Section.FORWARD, Section.STAGE_GRADS)
+
+
+def coverage_findings(golden: Trace, obtained: Trace, profile: Profile | None = None) -> tuple[CoverageFinding, ...]:
+    """Where the obtained trace called a stage another number of times than the golden, per call
+    site and section, its iterations grouped; then the selected stages it never saw fire. Nothing
+    against a golden that lists a selection (a report), none of the obtained side's extras where
+    a selection is obtained."""
+    if not golden.provenance.complete or not obtained.provenance.complete:
+        return ()
+    found: dict[tuple[Section, str, int, int], list[int]] = {}
+    for g_it, o_it in zip(golden.iterations, obtained.iterations, strict=False):
+        for section in COVERAGE_SECTIONS:
+            g_sec, o_sec = g_it.section(section), o_it.section(section)
+            if not g_sec:
+                continue  # the golden does not record this section
+            g_calls, o_calls = calls(g_sec), calls(o_sec)
+            for stage in dict.fromkeys([*g_calls, *o_calls]):
+                g, o = g_calls.get(stage, 0), o_calls.get(stage, 0)
+                if g == o or (g == 0 and profile is not None and profile.tolerance(stage, "presence") is None):
+                    continue
+                found.setdefault((section, stage, g, o), []).append(g_it.index)
+    out = [CoverageFinding(section, stage, tuple(its), g, o) for (section, stage, g, o), its in found.items()]
+    out.sort(key=lambda f: f.iterations[0])
+    its = tuple(it.index for it in obtained.iterations)
+    out += [CoverageFinding(Section.FORWARD, stage, its, None, 0) for stage in obtained.coverage.never_fired]
+    return tuple(out)
 
 
 def _absent(trace: Trace, section: Section, stage: str) -> str:

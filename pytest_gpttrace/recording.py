@@ -3,8 +3,9 @@
 - ``StageKey`` (a ``Section`` and a stage name) and ``Extra``: the typed keys into the stats batch.
 - ``PendingIteration``: what the hooks recorded since the last iteration ended: the stats batch,
   the numbering of a stage seen twice (``name#2``) and of an op's calls in a module
-  (``module/op#k``), the tensor hooks still registered, and the
-  assembly of the batch's one host copy into an ``Iteration``.
+  (``module/op#k``), the tensor hooks still registered, the stages whose gradient waits for a
+  recomputation (a reentrant checkpoint), and the assembly of the batch's one host copy into an
+  ``Iteration``.
 - ``HostClock``: host seconds spent in the capture's own code (what the overhead benchmark reads).
 - ``ZeroCensus``: which parameters are exactly zero when the capture begins (zero-init choices).
 - ``StatsPathChoice``: the statistics path asked for, the one that runs, and why they differ.
@@ -91,6 +92,10 @@ class PendingIteration:
         self._grad_names = _Occurrences()
         self._op_calls: dict[tuple[str, str], int] = {}
         self._tensor_hooks: list[RemovableHandle] = []
+        # stages recorded under torch.no_grad(), by stage (module stages) or by module (op stages)
+        self._awaiting: dict[str, list[str]] = {}
+        self._awaiting_ops: dict[str, list[str]] = {}
+        self._no_grad: dict[str, None] = {}
 
     @property
     def empty(self) -> bool:
@@ -110,6 +115,43 @@ class PendingIteration:
         k = self._op_calls.get((module, op), 0) + 1
         self._op_calls[(module, op)] = k
         return f"{module}/{op}#{k}" if module else f"{op}#{k}"
+
+    # -- activation checkpointing: a forward run again in the backward is not a call ----------
+    def await_grad(self, stage: str, name: str, module: str | None = None) -> None:
+        """``name`` (the recorded name of ``stage``) was computed under ``torch.no_grad()``, so its
+        gradient cannot be hooked now; a recomputation in the backward may provide it. ``module``:
+        the module of an op stage."""
+        if module is None:
+            self._awaiting.setdefault(stage, []).append(name)
+        else:
+            self._awaiting_ops.setdefault(module, []).append(name)
+
+    def recomputed(self, stage: str) -> str | None:
+        """A module stage's forward ran again during the backward (a reentrant checkpoint): the name
+        whose gradient the recomputed output carries, when the stage was recorded under no_grad by
+        one call only. More calls cannot be told apart (the backward recomputes segments in reverse
+        order): their gradients are noted as not recorded. None when nothing awaits it."""
+        names = self._awaiting.pop(stage, None)
+        if not names:
+            return None
+        if len(names) == 1:
+            return names[0]
+        self._no_grad.update(dict.fromkeys(names))
+        return None
+
+    def recomputed_module(self, module: str) -> None:
+        """A module's forward ran again during the backward: the op stages it recorded under
+        no_grad get no gradient (ops are not seen in the recomputation)."""
+        self._no_grad.update(dict.fromkeys(self._awaiting_ops.pop(module, ())))
+
+    def no_gradient(self, name: str) -> None:
+        """A stage whose gradient could not be recorded."""
+        self._no_grad[name] = None
+
+    @property
+    def no_grad(self) -> tuple[str, ...]:
+        """The stages whose gradient could not be recorded this iteration (``Coverage.no_grad``)."""
+        return tuple(self._no_grad)
 
     def stage_grad(self, stage: str, grad: torch.Tensor) -> None:
         self.batch.add(StageKey(Section.STAGE_GRADS, self._grad_names(stage)), grad)

@@ -1,5 +1,9 @@
 """Rendering comparison results as text for a CI log: what broke first, a capped table, the remedy.
 
+A failure lists the stages that fired otherwise than in the golden (``stage X missing in iteration
+1``, ``fired twice``: the comparison's coverage findings) apart from the numeric table, and notes
+the obtained trace's own coverage: selected stages that never fired, gradients not recorded.
+
 Every text a golden check shows lives here: ``failure_lines`` renders a ``GoldenResult`` into the
 assertion message, ``summary_outcome`` into its part of the terminal summary, ``drift_lines`` and
 ``calibration_note`` what an update reports; ``anomaly_failure_lines`` the anomalies that fail a test.
@@ -7,13 +11,13 @@ assertion message, ``summary_outcome`` into its part of the terminal summary, ``
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .anomalies import ERROR, INFO, WARNING, Anomaly
 from .calibrate import summary as calibration_summary
-from .compare import LOSS, Comparison, Mismatch
+from .compare import LOSS, Comparison, CoverageFinding, Mismatch
 from .errors import TraceFormatError
 from .outcome import WRITTEN, Band, GoldenResult, GoldenStatus
 from .trace import STAGE_SECTIONS, EnvKey, Section
@@ -92,6 +96,32 @@ def out_of_tolerance(comparison: Comparison) -> str:
     return f"{len(comparison.distinct_stages)} of {total} traced tensor{'s' if total != 1 else ''} out of tolerance"
 
 
+def coverage_lines(comparison: Comparison, max_rows: int = MAX_ROWS) -> list[str]:
+    """The stages that fired otherwise than in the golden, one line each (capped), then the obtained
+    trace's notes: selected stages that never fired, gradients that could not be recorded."""
+    differ = [f for f in comparison.coverage if f.golden is not None]
+    never: list[CoverageFinding] = [f for f in comparison.coverage if f.golden is None]
+    lines = []
+    if differ:
+        lines.append("stages that fired otherwise than in the golden (coverage, not numeric differences):")
+        lines += [f"  {f.message}" for f in differ[:max_rows]]
+        if len(differ) > max_rows:
+            lines.append(f"  (+{len(differ) - max_rows} more)")
+    if never:
+        lines.append(f"selected but never fired in the obtained run: {_names(f.stage for f in never)}")
+    no_grad = comparison.obtained.coverage.no_grad
+    if no_grad:
+        lines.append(f"gradients not recorded (computed under no_grad, recomputed in the backward: a reentrant "
+                     f"checkpoint): {_names(no_grad)}")
+    return lines
+
+
+def _names(names: Iterable[str], limit: int = 6) -> str:
+    listed = list(names)
+    shown = ", ".join(listed[:limit])
+    return shown + (f" (+{len(listed) - limit} more)" if len(listed) > limit else "")
+
+
 def render_comparison(comparison: Comparison, *, golden_name: str, obtained_name: str | None = None,
                       accept_line: str | None = None, max_rows: int = MAX_ROWS,
                       obtained_line: str | None = None, more_hint: str | None = None) -> list[str]:
@@ -109,6 +139,7 @@ def render_comparison(comparison: Comparison, *, golden_name: str, obtained_name
         f"(profile {comparison.profile.name}); first divergence: {first.where}, {first.stat}",
         f"golden: {golden_name}",
     ]
+    lines += coverage_lines(comparison, max_rows)
     rows = [mismatch_row(m, calibrated) for m in comparison.mismatches[:max_rows]]
     lines += table(headers(calibrated), rows)
     more = len(comparison.mismatches) - len(rows)

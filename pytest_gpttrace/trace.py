@@ -37,6 +37,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeGuard, TypeVar, overload
 
+from .coverage import Coverage
 from .errors import TraceFormatError
 
 FORMAT_VERSION = 1  # an uncalibrated trace
@@ -221,6 +222,8 @@ class Trace:
     frozen_params: tuple[str, ...] = ()
     # where the bands came from (format 2); None for an uncalibrated trace
     calibration: Mapping[str, Any] | None = None
+    # stages missing from some iterations, selected stages that never fired, gradients not recorded
+    coverage: Coverage = field(default_factory=Coverage)
     # how precisely the numbers are known and whether every stage is listed; not part of the JSON
     provenance: Provenance = field(default_factory=Provenance, compare=False)
 
@@ -295,6 +298,8 @@ def dumps(trace: Trace) -> str:
         lines.append(f'  "frozen_params": {_line(list(trace.frozen_params))},')
     if trace.calibrated:
         lines.append(f'  "calibration": {_line(_jsonable(trace.calibration))},')
+    if trace.coverage:  # only when there is something to say: complete traces stay as they were
+        lines.append(f'  "coverage": {_line(trace.coverage.to_json())},')
     lines.append('  "iterations": [')
     for n, it in enumerate(trace.iterations):
         lines.append("    {")
@@ -547,6 +552,11 @@ def loads(text: str, file: PathLike | None = None) -> Trace:
         r.fail("$", 'missing field "calibration" (a format 2 trace records where its bands came from)')
     if version < CALIBRATED_FORMAT and calibration is not None:
         r.fail("$.calibration", f"a format {version} trace has no calibration: write \"format\": 2 with its bands")
+    coverage_doc = r.get(doc, "coverage", "$", (dict,), "an object (what fired where)", optional=True)
+    try:
+        coverage = Coverage.from_json(coverage_doc or {})
+    except ValueError as exc:
+        r.fail("$.coverage", str(exc))
     iterations = []
     number_or_null = (int, float, str, type(None))
     for i, it in enumerate(r.get(doc, "iterations", "$", (list,), "a list of iterations")):
@@ -576,6 +586,7 @@ def loads(text: str, file: PathLike | None = None) -> Trace:
         zero_params=zero_params,
         frozen_params=frozen,
         calibration=calibration,
+        coverage=coverage,
     )
 
 

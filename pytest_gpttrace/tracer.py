@@ -20,6 +20,14 @@ in-place ops, unlike module backward hooks). ``end_iteration`` adds every parame
 the loss, and copies the whole iteration to the host in one transfer. Nothing inside a hook reads a
 value back to the host. A module called twice in one iteration is recorded as ``name`` and ``name#2``.
 
+A forward that runs while autograd executes a backward is activation checkpointing's recomputation
+(``torch.utils.checkpoint``): it is not recorded and is not a call (no ``name#2``). Under
+``use_reentrant=False`` the gradient hooks of the first forward's outputs fire as usual. Under
+``use_reentrant=True`` the first forward runs under ``torch.no_grad()``: a module stage called once
+has its gradient hooked on the recomputed output instead; the others (a module called twice, op
+stages) get none, listed in the trace's ``coverage.no_grad``. Selected stage modules that ran in
+no iteration and stages missing from some iterations are the trace's ``coverage`` too.
+
 Statistics run on the fused compiled kernel when it is available (see ``stats``); it is compiled
 when the capture starts, not inside the first step, and the trace's environment says which path ran.
 
@@ -43,6 +51,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from .coverage import Coverage, gaps
 from .dither import undithered
 from .errors import CaptureError
 from .ops import OpRecorder, records_inside, resolve_granularity, resolve_ops
@@ -59,6 +68,12 @@ def is_tap(module: nn.Module) -> bool:
 
 def _is_leaf(module: nn.Module) -> bool:
     return next(module.children(), None) is None
+
+
+def _recomputing() -> bool:
+    """Autograd is executing a backward on this thread: a forward now is a checkpoint's recomputation.
+    Not asked while dynamo traces a hook: the query is not traceable and would break the graph."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def has_taps(model: nn.Module) -> bool:
@@ -207,6 +222,8 @@ class Capture:
         self._module_hooks: list[RemovableHandle] = []
         self._active = False
         self._device = _device_of(model)
+        self._fired: set[str] = set()  # stage modules whose forward ran (not counting recomputations)
+        self._no_grad: dict[str, None] = {}  # stages whose gradient could not be recorded
 
     @property
     def requested_path(self) -> str:
@@ -231,6 +248,10 @@ class Capture:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self._active:
                 return
+            if _recomputing():
+                self._recomputed(name, output)
+                return
+            self._fired.add(name)
             pending = self._pending
             recorder = self._recorder
             with pending.clock, (recorder.suspended() if recorder is not None else contextlib.nullcontext()):
@@ -238,21 +259,41 @@ class Capture:
                     self._record(name + suffix, t)
         return hook
 
-    def _record(self, name: str, t: torch.Tensor) -> None:
-        """Queue one stage output's statistics and hook its gradient (inside the pending clock)."""
+    def _record(self, name: str, t: torch.Tensor, module: str | None = None) -> None:
+        """Queue one stage output's statistics and hook its gradient (inside the pending clock);
+        module: the module of an op stage."""
         pending, device_type = self._pending, self._device.type
         if torch.is_autocast_enabled(device_type):
             self.autocast.add(f"{device_type} {torch.get_autocast_dtype(device_type)}")
         with undithered():
             stage = pending.forward(name, t)
         if self.grads and t.requires_grad:
-            # torch leaves Tensor.register_hook unannotated
-            handle = t.register_hook(self._grad_hook(stage))  # type: ignore[no-untyped-call]
-            pending.keep_hook(handle)
+            self._hook_grad(stage, t)
+        elif self.grads and not torch.is_grad_enabled() and t.is_floating_point():
+            pending.await_grad(name, stage, module)  # a reentrant checkpoint's recomputation may hook it
+
+    def _hook_grad(self, stage: str, t: torch.Tensor) -> None:
+        # torch leaves Tensor.register_hook unannotated
+        handle = t.register_hook(self._grad_hook(stage))  # type: ignore[no-untyped-call]
+        self._pending.keep_hook(handle)
+
+    def _recomputed(self, name: str, output: Any) -> None:
+        """A stage module's forward run again in the backward: nothing is recorded; a stage first
+        computed under no_grad (a reentrant checkpoint) has its gradient hooked here."""
+        if not self.grads:
+            return
+        pending = self._pending
+        with pending.clock:
+            for suffix, t in _tensors(output):
+                stage = pending.recomputed(name + suffix)
+                if stage is None:
+                    continue
+                if t.requires_grad:
+                    self._hook_grad(stage, t)
 
     def _record_op(self, module: str, op: str, t: torch.Tensor) -> None:
         """An op result seen by the recorder (its handler runs with the mode off the stack)."""
-        if not self._active:
+        if not self._active or _recomputing():
             return
         pending = self._pending
         with pending.clock:
@@ -261,7 +302,7 @@ class Capture:
             if kept is None:
                 kept = self._op_kept[name] = self._patterns.keeps_op(name)
             if kept:
-                self._record(name, t)
+                self._record(name, t, module)
 
     def _context_hooks(self, recorder: OpRecorder) -> None:
         """Forward pre-hooks and hooks on every module: the stack of running modules, and on the
@@ -271,11 +312,16 @@ class Capture:
 
             def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, _name: str = name,
                     _root: bool = root, _records: bool = records) -> None:
-                if self._active:
-                    recorder.enter_module(_name, _records, args, kwargs, _root)
+                if not self._active:
+                    return
+                if _recomputing():  # a checkpoint's recomputation: no frame, no mode, no op recorded
+                    if self.grads:
+                        self._pending.recomputed_module(_name)
+                    return
+                recorder.enter_module(_name, _records, args, kwargs, _root)
 
             def post(mod: nn.Module, args: tuple[Any, ...], output: Any, *, _root: bool = root) -> None:
-                if self._active:
+                if self._active and not _recomputing():
                     recorder.exit_module(_root)
 
             self._module_hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
@@ -362,6 +408,7 @@ class Capture:
             self._census.send(pending.batch)
             it, extras = pending.finish(len(self.iterations), loss, stepped, lr)
             self._census.receive(extras)
+            self._no_grad.update(dict.fromkeys(pending.no_grad))
             self.iterations.append(it)
             pending.close()
         # host time the capture added to this iteration: its hooks and this call (on a GPU, hooks
@@ -385,6 +432,12 @@ class Capture:
         """Why statistics ran (partly) eager: the fallback reason, or the dtypes that failed to compile."""
         return self._path.explain()
 
+    def coverage(self) -> Coverage:
+        """Stages missing from some iterations, selected stage modules that never ran, gradients
+        not recorded (empty for a model whose every stage fires in every iteration)."""
+        never = tuple(n for n, _ in self.stages if n not in self._fired) if self.iterations else ()
+        return Coverage(gaps([it.forward for it in self.iterations]), never, tuple(self._no_grad))
+
     def trace(self) -> Trace:
         return Trace(
             config=model_config(self.model),
@@ -395,6 +448,7 @@ class Capture:
             model=type(self.model).__name__,
             zero_params=self.zero_params,
             frozen_params=tuple(n for n, p in self.model.named_parameters() if not p.requires_grad),
+            coverage=self.coverage(),
         )
 
 
