@@ -425,8 +425,8 @@ class Capture:
         others = sum(1 for n, m in self.model.named_modules() if n and _is_leaf(m) and not is_tap(m))
         if not others:
             return "taps"
-        return (f"taps (auto: the model has {taps} taps; its {others} other leaf modules and its functional ops "
-                "are traced too with granularity='ops')")
+        return (f"taps (auto: the model has {taps} tap{'s' if taps != 1 else ''}; its {others} other leaf modules "
+                "and its functional ops are traced too with granularity='ops')")
 
     def path_note(self) -> str | None:
         """Why statistics ran (partly) eager: the fallback reason, or the dtypes that failed to compile."""

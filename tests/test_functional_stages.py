@@ -377,3 +377,34 @@ def test_gpttrace_run_takes_a_granularity(tmp_path):
     with pytest.raises(SystemExit) as exc:
         gpttrace([*args, "--granularity", "ops", "--ops", "nope"])
     assert exc.value.code == 2
+
+
+class OneTap(torch.nn.Module):
+    gpttrace_tap = True
+
+    def forward(self, x):
+        return x
+
+
+def test_one_tap_of_ones_own_is_said_to_leave_the_rest_out_and_ops_keeps_both():
+    model = FunctionalGPT(layers=1)
+    model.blocks[0].attn.scores = OneTap()
+    original = model.blocks[0].attn.forward
+
+    def forward(x, *args, **kwargs):  # the tap sees the attention's output
+        return model.blocks[0].attn.scores(original(x, *args, **kwargs))
+
+    model.blocks[0].attn.forward = forward
+    only_taps = trace_training(model, functional_batches(), functional_optimizer(model), iterations=1)
+    assert list(only_taps.iterations[0].forward) == ["blocks.0.attn.scores"]
+    note = only_taps.environment["granularity"]
+    assert note.startswith("taps (auto: the model has 1 tap; its ") and "granularity='ops'" in note
+    both = trace_training(model, functional_batches(), functional_optimizer(model), iterations=1,
+                          granularity="ops")
+    assert "blocks.0.attn.scores" in both.iterations[0].forward and "blocks.0.attn/rotary#1" in both.iterations[0].forward
+    assert both.environment["granularity"] == "ops"
+    model, batches, _ = tiny_reference()
+    with capture(model) as cap:
+        model(*next(batches))
+        cap.end_iteration()
+    assert cap.trace().environment["granularity"].startswith("taps (auto: the model has ")
