@@ -29,6 +29,8 @@ The rules that are more than "this function was called":
 - ``add``: the residual add, ``x + f(x)`` (``torch.add``, ``Tensor.add``, ``+``, ``+=``) of two
   floating tensors of the same shape as the running module's first floating tensor argument (a
   block's residual stream); the adds inside a rotation or a mask are not its shape and do not count.
+  The root module takes token ids: its residual shape is that of the first floating tensor a module
+  it calls returns (the embedding's), so ``x = x + block(x)`` in the root's forward is ``add#k``.
 - ``rotary``: the rotated tensor, in either of the two ways RoPE is written. The join form:
   ``torch.cat`` / ``torch.stack`` along the last dimension of two or more floating tensors of one
   shape, ``cat([x1*cos + x2*sin, -x1*sin + x2*cos], -1)`` (nanochat). The ``rotate_half`` form
@@ -340,9 +342,16 @@ class OpRecorder(TorchFunctionMode):
             self.depth += 1
         self.frames.append(Frame(name, records, _first_floating_shape(args, kwargs)))
 
-    def exit_module(self, root: bool) -> None:
+    def exit_module(self, root: bool, output: object = None) -> None:
         if self.frames:
             self.frames.pop()
+            # a root forward that takes token ids has no residual shape of its own: its stream is the
+            # shape of the first floating output of a module it calls (the embedding's (B, T, C))
+            if len(self.frames) == 1 and self.frames[0].residual is None:
+                t = next((x for x in (output if isinstance(output, (tuple, list)) else (output,)) if _floating(x)),
+                         None)
+                if t is not None and t.dim() >= 2:
+                    self.frames[0].residual = tuple(t.shape)
         if root and self.depth > 0:
             self.depth -= 1
             if self.depth == 0:

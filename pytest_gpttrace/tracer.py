@@ -322,7 +322,7 @@ class Capture:
 
             def post(mod: nn.Module, args: tuple[Any, ...], output: Any, *, _root: bool = root) -> None:
                 if self._active and not _recomputing():
-                    recorder.exit_module(_root)
+                    recorder.exit_module(_root, output)
 
             self._module_hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             self._module_hooks.append(module.register_forward_hook(post, always_call=True))

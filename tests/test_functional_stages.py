@@ -408,3 +408,29 @@ def test_one_tap_of_ones_own_is_said_to_leave_the_rest_out_and_ops_keeps_both():
         model(*next(batches))
         cap.end_iteration()
     assert cap.trace().environment["granularity"].startswith("taps (auto: the model has ")
+
+
+class RootResidualGPT(torch.nn.Module):
+    """The residual adds in the root's forward, around blocks that return their branch only."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = torch.nn.Embedding(64, 16)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(2))
+        self.lm_head = torch.nn.Linear(16, 64)
+
+    def forward(self, idx, targets):
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = x + block(F.rms_norm(x, (16,)))
+        logits = self.lm_head(x)
+        return F.cross_entropy(logits.reshape(-1, 64), targets.reshape(-1))
+
+
+def test_residual_adds_in_the_root_forward_are_stages():
+    model = RootResidualGPT()
+    with capture(model) as cap:
+        model(*next(functional_batches()))
+        it = cap.end_iteration()
+    assert list(it.forward) == ["wte", "rms_norm#1", "blocks.0", "add#1", "rms_norm#2", "blocks.1", "add#2",
+                                "lm_head", "cross_entropy#1"]
