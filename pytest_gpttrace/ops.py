@@ -16,7 +16,8 @@ directly inside a module's forward (or a plain function it calls) is a stage:
 continues the count). The names follow the model's code and the order of its calls, so they are
 the same in every run and process of the same code (no ids, no hashes). Ops inside a leaf module
 that torch provides (the ``F.linear`` inside ``nn.Linear``, the ``F.layer_norm`` inside
-``nn.LayerNorm``) and inside taps are not recorded: the module's own output is that stage.
+``nn.LayerNorm``, or a subclass of one) and inside taps are not recorded: the module's own output
+is that stage.
 
 Which functions count is ``OPS`` (every op this module knows) and ``DEFAULT_OPS`` (the names on by
 default); ``resolve_ops`` changes the list with the same grammar as stage patterns: plain names
@@ -264,11 +265,13 @@ def _first_floating_shape(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tup
 
 
 def records_inside(module: nn.Module, is_tap: Callable[[nn.Module], bool]) -> bool:
-    """Ops inside this module are stages, unless it is a tap or a leaf module torch provides."""
+    """Ops inside this module are stages, unless it is a tap or a leaf module torch provides (or a
+    subclass of one: nanochat's ``Linear(nn.Linear)`` whose forward casts the weight is a linear)."""
     if is_tap(module):
         return False
     leaf = next(module.children(), None) is None
-    return not (leaf and type(module).__module__.startswith("torch."))
+    return not (leaf and any(cls.__module__.startswith("torch.") and cls is not nn.Module
+                             for cls in type(module).__mro__[:-1]))
 
 
 Record = Callable[[str, str, torch.Tensor], None]  # (module name, op name, result)

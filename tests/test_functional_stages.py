@@ -434,3 +434,18 @@ def test_residual_adds_in_the_root_forward_are_stages():
         it = cap.end_iteration()
     assert list(it.forward) == ["wte", "rms_norm#1", "blocks.0", "add#1", "rms_norm#2", "blocks.1", "add#2",
                                 "lm_head", "cross_entropy#1"]
+
+
+class CastingLinear(torch.nn.Linear):
+    """nanochat's Linear: casts its weight to the input's dtype in forward."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(dtype=x.dtype))
+
+
+def test_a_subclass_of_a_torch_leaf_module_is_one_stage():
+    model = torch.nn.Sequential(CastingLinear(8, 8), torch.nn.ReLU())
+    with capture(model, granularity="ops") as cap:
+        model(torch.randn(2, 8))
+        it = cap.end_iteration()
+    assert list(it.forward) == ["0", "1"]
