@@ -21,11 +21,14 @@ end_iteration, measured inside the traced step) as a share of the plain step. Pe
 ``--granularity ops`` traces the same architecture as a model without taps is traced: its taps
 dropped, every leaf module (Embedding, Linear) and every functional op of the op list (norms,
 rotary, attention, ReLU², softcap, residual adds, the loss) as stages, the ops seen through the
-TorchFunctionMode; ``modules`` the leaf modules alone; ``taps`` (default) the taps.
+TorchFunctionMode; ``modules`` the leaf modules alone; ``taps`` (default) the taps. Several
+(``--granularity taps ops``) run one after the other in this process, each depth with its own
+model and capture, for figures side by side.
 
 The last line is machine-readable:
     overhead depth4=1.04 depth8=1.03 depth12=1.02 mem=1.01
-where mem is the largest memory ratio over the depths.
+where mem is the largest memory ratio over the depths; a granularity other than the first is
+suffixed: ``depth4=1.04 depth4.ops=1.09``.
 """
 
 from __future__ import annotations
@@ -228,18 +231,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--stats-path", choices=("auto", "compiled", "eager"), default=None,
                    help="statistics path (default: GPTTRACE_STATS_PATH, else auto)")
-    p.add_argument("--granularity", choices=("taps", "modules", "ops"), default="taps",
+    p.add_argument("--granularity", choices=("taps", "modules", "ops"), nargs="+", default=["taps"],
                    help="stages traced: the taps (default), the leaf modules of the model without its taps, "
-                        "or those plus its functional ops")
+                        "or those plus its functional ops; several run one after the other")
     args = p.parse_args(argv)
     if args.pairs < 1 or args.warmup < 1:
         p.error("--pairs and --warmup must be at least 1")
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
           f"python {sys.version.split()[0]}, pid {os.getpid()}", flush=True)
-    results = [run_depth(d, args, device) for d in args.depths]
+    grains = list(dict.fromkeys(args.granularity))
+    results = []
+    for grain in grains:
+        for d in args.depths:
+            results.append({**run_depth(d, argparse.Namespace(**{**vars(args), "granularity": grain}), device),
+                            "granularity": grain})
     mems = [r["mem_ratio"] for r in results if r["mem_ratio"] is not None]
-    summary = " ".join(f"depth{r['depth']}={r['ratio']:.2f}" for r in results)
+    summary = " ".join(f"depth{r['depth']}{'' if r['granularity'] == grains[0] else '.' + r['granularity']}"
+                       f"={r['ratio']:.2f}" for r in results)
     summary += f" mem={max(mems):.2f}" if mems else " mem=n/a"
     print(f"overhead {summary}", flush=True)
     return 0
