@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,8 @@ class LayerNorm(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    bias: torch.Tensor  # the causal mask, a buffer
+
     def __init__(self, config: NanoConfig, faults: Faults) -> None:
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -108,15 +111,16 @@ class NanoStyleGPT(nn.Module):
         super().__init__()
         self.config = config = config or NanoConfig()
         faults = faults or Faults()
+        wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "wte": wte,
             "wpe": nn.Embedding(config.block_size, config.n_embd),
             "drop": nn.Dropout(config.dropout),
             "h": nn.ModuleList([Block(config, faults, i) for i in range(config.n_layer)]),
             "ln_f": LayerNorm(config.n_embd, bias=config.bias),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -134,10 +138,11 @@ class NanoStyleGPT(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         t = idx.size(1)
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
+        t_ = self.transformer
+        x = t_["drop"](t_["wte"](idx) + t_["wpe"](pos))
+        for block in cast(nn.ModuleList, t_["h"]):
             x = block(x)
-        x = self.transformer.ln_f(x)
+        x = t_["ln_f"](x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)

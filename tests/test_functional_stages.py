@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 import torch
@@ -388,13 +389,14 @@ class OneTap(torch.nn.Module):
 
 def test_one_tap_of_ones_own_is_said_to_leave_the_rest_out_and_ops_keeps_both():
     model = FunctionalGPT(layers=1)
-    model.blocks[0].attn.scores = OneTap()
-    original = model.blocks[0].attn.forward
+    attn: Any = model.blocks[0].attn
+    attn.scores = OneTap()
+    original = attn.forward
 
     def forward(x, *args, **kwargs):  # the tap sees the attention's output
-        return model.blocks[0].attn.scores(original(x, *args, **kwargs))
+        return attn.scores(original(x, *args, **kwargs))
 
-    model.blocks[0].attn.forward = forward
+    attn.forward = forward
     only_taps = trace_training(model, functional_batches(), functional_optimizer(model), iterations=1)
     assert list(only_taps.iterations[0].forward) == ["blocks.0.attn.scores"]
     note = only_taps.environment["granularity"]
@@ -403,9 +405,9 @@ def test_one_tap_of_ones_own_is_said_to_leave_the_rest_out_and_ops_keeps_both():
                           granularity="ops")
     assert "blocks.0.attn.scores" in both.iterations[0].forward and "blocks.0.attn/rotary#1" in both.iterations[0].forward
     assert both.environment["granularity"] == "ops"
-    model, batches, _ = tiny_reference()
-    with capture(model) as cap:
-        model(*next(batches))
+    reference, batches, _ = tiny_reference()
+    with capture(reference) as cap:
+        reference(*next(batches))
         cap.end_iteration()
     assert cap.trace().environment["granularity"].startswith("taps (auto: the model has ")
 
