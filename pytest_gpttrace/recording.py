@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from . import stats as _stats
+from .kinds import StageSources
 from .stats import StatsBatch
 from .trace import STAGE_SECTIONS, Iteration, Section, TensorStats
 
@@ -91,6 +92,7 @@ class PendingIteration:
         self._grad_names = _Occurrences()
         self._op_calls: dict[tuple[str, str], int] = {}
         self._tensor_hooks: list[RemovableHandle] = []
+        self.sources = StageSources()  # the stages recorded so far, by autograd node (a rotary's input)
 
     @property
     def empty(self) -> bool:
