@@ -7,8 +7,8 @@ produced it:
   ``F.layer_norm`` and ``F.group_norm`` are ``norm`` without a weight or bias and ``norm_affine``
   with one; a rule of one's own (``ops.register_op``) is ``other`` unless it says otherwise;
 - a module stage from its type (``module_kind``): a ``gpttrace_kind`` attribute first (how a tap says
-  what it shows: ``Tap(kind="rotary")`` in the reference model), then ``nn.LayerNorm`` / ``nn.RMSNorm``
-  / ``nn.GroupNorm`` (``norm_affine`` with a learnable weight or bias, else ``norm``), a class named
+  what it shows; the reference model sets its taps' from ``TAP_KINDS``), then ``nn.LayerNorm`` /
+  ``nn.RMSNorm`` / ``nn.GroupNorm`` (``norm_affine`` with a learnable weight or bias, else ``norm``), a class named
   ``...RMSNorm`` / ``...LayerNorm`` (Hugging Face's ``LlamaRMSNorm``: ``norm_affine`` when it has a
   ``weight`` parameter), ``nn.Linear`` (and Hugging Face's ``Conv1D``), ``nn.Embedding``, the
   activation modules (``nn.ReLU``, ``nn.GELU``, ``nn.SiLU``, ..., classes named ``...Activation``);

@@ -96,12 +96,11 @@ class GPTConfig:
 class Tap(nn.Module):
     """An identity whose output hooks can observe or replace; the model continues with what it returns.
 
-    ``kind`` says what the tapped result is (a norm's output, the rotated queries, ...): the trace
-    records it as the stage's kind (``gpttrace_kind``), and the anomaly rules read it."""
+    ``gpttrace_kind`` says what the tapped result is (a norm's output, the rotated queries, ...):
+    the trace records it as the stage's kind, and the anomaly rules read it. The model sets it from
+    ``TAP_KINDS``."""
 
-    def __init__(self, kind: StageKind = StageKind.OTHER) -> None:
-        super().__init__()
-        self.gpttrace_kind = kind
+    gpttrace_kind: StageKind = StageKind.OTHER
 
     def forward(self, x: Tensor) -> Tensor:
         return x
@@ -109,6 +108,21 @@ class Tap(nn.Module):
     if TYPE_CHECKING:  # nn.Module.__call__ returns Any; a tap returns a tensor like its input
 
         def __call__(self, x: Tensor) -> Tensor: ...
+
+
+# what each tap shows, by its attribute name (a tap not listed is "other"): its stage kind
+TAP_KINDS: dict[str, StageKind] = {
+    "wte": StageKind.EMBEDDING,
+    "norm": StageKind.NORM, "q_norm": StageKind.NORM, "k_norm": StageKind.NORM, "final_norm": StageKind.NORM,
+    "q": StageKind.LINEAR, "k": StageKind.LINEAR, "v": StageKind.LINEAR, "fc": StageKind.LINEAR,
+    "out": StageKind.LINEAR, "logits": StageKind.LINEAR,
+    "q_rope": StageKind.ROTARY, "k_rope": StageKind.ROTARY,
+    "sdpa": StageKind.ATTENTION,
+    "relu": StageKind.ACTIVATION, "relu2": StageKind.ACTIVATION,
+    "input": StageKind.RESIDUAL, "attn_resid": StageKind.RESIDUAL, "mlp_resid": StageKind.RESIDUAL,
+    "softcap": StageKind.SOFTCAP,
+    "loss": StageKind.LOSS,
+}
 
 
 def norm(x: Tensor) -> Tensor:
@@ -155,17 +169,17 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         # the taps, in the order the forward passes them
-        self.norm = Tap(StageKind.NORM)  # (B, T, C) the block input after RMSNorm
-        self.q = Tap(StageKind.LINEAR)  # (B, T, H, D) queries
-        self.k = Tap(StageKind.LINEAR)  # (B, T, Hkv, D) keys
-        self.v = Tap(StageKind.LINEAR)  # (B, T, Hkv, D) values
-        self.q_rope = Tap(StageKind.ROTARY)  # (B, T, H, D) queries after rotary
-        self.k_rope = Tap(StageKind.ROTARY)  # (B, T, Hkv, D) keys after rotary
-        self.q_norm = Tap(StageKind.NORM)  # (B, T, H, D) queries after QK norm
-        self.k_norm = Tap(StageKind.NORM)  # (B, T, Hkv, D) keys after QK norm
-        self.sdpa = Tap(StageKind.ATTENTION)  # (B, H, T, D) attention output per head
+        self.norm = Tap()  # (B, T, C) the block input after RMSNorm
+        self.q = Tap()  # (B, T, H, D) queries
+        self.k = Tap()  # (B, T, Hkv, D) keys
+        self.v = Tap()  # (B, T, Hkv, D) values
+        self.q_rope = Tap()  # (B, T, H, D) queries after rotary
+        self.k_rope = Tap()  # (B, T, Hkv, D) keys after rotary
+        self.q_norm = Tap()  # (B, T, H, D) queries after QK norm
+        self.k_norm = Tap()  # (B, T, Hkv, D) keys after QK norm
+        self.sdpa = Tap()  # (B, H, T, D) attention output per head
         self.heads = Tap()  # (B, T, C) the heads side by side
-        self.out = Tap(StageKind.LINEAR)  # (B, T, C) after c_proj: zero at init
+        self.out = Tap()  # (B, T, C) after c_proj: zero at init
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, C = x.size()
@@ -190,11 +204,11 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
         # the taps, in the order the forward passes them
-        self.norm = Tap(StageKind.NORM)  # (B, T, C) the input after RMSNorm
-        self.fc = Tap(StageKind.LINEAR)  # (B, T, 4C) after c_fc
-        self.relu = Tap(StageKind.ACTIVATION)  # (B, T, 4C) after ReLU
-        self.relu2 = Tap(StageKind.ACTIVATION)  # (B, T, 4C) after squaring: ReLU²
-        self.out = Tap(StageKind.LINEAR)  # (B, T, C) after c_proj: zero at init
+        self.norm = Tap()  # (B, T, C) the input after RMSNorm
+        self.fc = Tap()  # (B, T, 4C) after c_fc
+        self.relu = Tap()  # (B, T, 4C) after ReLU
+        self.relu2 = Tap()  # (B, T, 4C) after squaring: ReLU²
+        self.out = Tap()  # (B, T, C) after c_proj: zero at init
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm(norm(x))
@@ -207,11 +221,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.input = Tap(StageKind.RESIDUAL)  # (B, T, C) the residual stream entering the block
+        self.input = Tap()  # (B, T, C) the residual stream entering the block
         self.attn = CausalSelfAttention(config)
-        self.attn_resid = Tap(StageKind.RESIDUAL)  # (B, T, C) x + attention
+        self.attn_resid = Tap()  # (B, T, C) x + attention
         self.mlp = MLP(config)
-        self.mlp_resid = Tap(StageKind.RESIDUAL)  # (B, T, C) x + MLP: the block's output
+        self.mlp_resid = Tap()  # (B, T, C) x + MLP: the block's output
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x = self.input(x)
@@ -234,8 +248,8 @@ class EmbedTaps(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.wte = Tap(StageKind.EMBEDDING)  # (B, T, C) rows of wte
-        self.norm = Tap(StageKind.NORM)  # (B, T, C) after RMSNorm: the residual stream entering block 0
+        self.wte = Tap()  # (B, T, C) rows of wte
+        self.norm = Tap()  # (B, T, C) after RMSNorm: the residual stream entering block 0
 
 
 class RopeTaps(nn.Module):
@@ -259,8 +273,8 @@ class LMHead(nn.Module):
         super().__init__()
         self.cap = config.softcap
         self.weight = nn.Parameter(torch.empty(config.vocab_size, config.n_embd))  # (V, C), set by init_weights
-        self.logits = Tap(StageKind.LINEAR)  # (B, T, V) x @ weight.T: zero at init
-        self.softcap = Tap(StageKind.SOFTCAP)  # (B, T, V) float32, squashed into (-softcap, softcap)
+        self.logits = Tap()  # (B, T, V) x @ weight.T: zero at init
+        self.softcap = Tap()  # (B, T, V) float32, squashed into (-softcap, softcap)
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.logits(F.linear(x, self.weight))
@@ -280,12 +294,15 @@ class GPT(nn.Module):
         self.embed = EmbedTaps()
         self.rope = RopeTaps()
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.final_norm = Tap(StageKind.NORM)  # (B, T, C) the last residual stream after RMSNorm
+        self.final_norm = Tap()  # (B, T, C) the last residual stream after RMSNorm
         self.lm_head = LMHead(config)
-        self.loss = Tap(StageKind.LOSS)  # () mean cross-entropy (only when the forward gets targets)
+        self.loss = Tap()  # () mean cross-entropy (only when the forward gets targets)
         cos, sin = rotary_tables(torch.arange(config.sequence_len), config.head_dim, config.rope_base)
         self.register_buffer("cos", cos, persistent=False)  # (1, sequence_len, 1, D/2) bf16
         self.register_buffer("sin", sin, persistent=False)
+        for name, module in self.named_modules():
+            if isinstance(module, Tap):
+                module.gpttrace_kind = TAP_KINDS.get(name.rsplit(".", 1)[-1], StageKind.OTHER)
         self.init_weights(seed)
 
     @torch.no_grad()
