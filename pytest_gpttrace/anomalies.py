@@ -5,6 +5,15 @@ from a seed-format Markdown report) and returns ``Anomaly`` records: a rule id, 
 iteration and stage, a one-line symptom, a likely cause and a suggested fix. Rules that need a
 stage the trace does not have stay silent.
 
+The invariant and growth rules key on what a stage is, not on its name: its kind
+(``kinds.StageKind``, recorded in ``Trace.stage_kinds``). norm-invariant checks every ``norm``
+stage (a ``norm_affine`` one, after a learnable scale, is not checked, and one info says so);
+rope-invariant every ``rotary`` stage against its input (``Trace.stage_inputs``); dead-relu every
+``activation`` stage (a chain such as ReLU then its square once, at its end); softcap every
+``softcap`` stage; residual-growth and gradient-growth the last ``residual`` stage of each block.
+A trace without kinds (older files, a parsed report) gets the kinds the reference model's names
+imply (``kinds.kind_by_name``), so its anomalies are the ones it always had.
+
 The expected-zero schedule is derived, not hard-coded. A zero-initialised projection (lm_head and
 every c_proj in nanochat) outputs exactly zero until an optimizer step has moved its weights, and
 while one is still zero no gradient flows back through it: the parameters behind it see exactly
@@ -18,7 +27,6 @@ moved, is an error. The zero-init parameters are those the capture saw exactly z
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import math
 import re
@@ -27,6 +35,8 @@ from dataclasses import Field, dataclass, field, fields, make_dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar, SupportsFloat, SupportsIndex, TypeVar
 
+from . import kinds as _kinds
+from .kinds import StageKind
 from .trace import Iteration, Section, TensorStats, Trace
 
 
@@ -193,7 +203,8 @@ def parse_thresholds(lines: Iterable[str]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- helpers
-_BLOCK = re.compile(r"^(?:blocks|layers|h|transformer\.h)\.(\d+)\.")
+# a block's index in a stage name: blocks.3.attn.q, transformer.h.3/add#1, model.layers.3.mlp
+_BLOCK = re.compile(r"^(?:.*\.)?(?:blocks|layers|h)\.(\d+)(?:[./#]|$)")
 
 
 def _block_index(name: str) -> int | None:
@@ -240,6 +251,9 @@ class Context:
     stuck_loss: tuple[Anomaly, ...]         # the stuck-loss findings (the zero schedule reads them)
     stuck_head: bool                        # the loss is stuck at ln V: the LM head never moved
     zero_schedule: tuple[Anomaly, ...]      # the zero-schedule and dead-gradient findings
+    kinds: Mapping[str, StageKind | None] = field(default_factory=dict)  # stage -> kind (None: no rule's)
+    recorded_kinds: bool = False            # the kinds are the trace's own (else implied by reference names)
+    stage_order: tuple[str, ...] = ()       # every forward stage of the trace, first seen first
 
     @classmethod
     def of(cls, trace: Trace, th: Thresholds) -> Context:
@@ -248,8 +262,19 @@ class Context:
         stuck = tuple(_stuck_loss(trace, th, vocab))
         stuck_head = any(a.severity == ERROR and a.iteration is not None
                          and _loss_is_ln_v(trace.iterations[a.iteration].loss, vocab, th) for a in stuck)
+        order = tuple(dict.fromkeys(n for it in trace.iterations for sec in (it.forward, it.stage_grads) for n in sec))
+        recorded = bool(trace.stage_kinds)
+        if recorded:
+            kinds: dict[str, StageKind | None] = {n: StageKind(k) for n, k in trace.stage_kinds.items()}
+        else:
+            kinds = {n: _kinds.kind_by_name(n, trace.parameters) for n in order}
+        forward = tuple(n for n in order if any(n in it.forward for it in trace.iterations))
         return cls(trace, th, vocab, zero_init, stuck, stuck_head,
-                   tuple(_zero_schedule(trace, zero_init, stuck_head)))
+                   tuple(_zero_schedule(trace, zero_init, stuck_head)), kinds, recorded, forward)
+
+    def kind(self, stage: str) -> StageKind | None:
+        """The stage's kind (None: unknown, or of no rule's concern in a trace without kinds)."""
+        return self.kinds.get(stage)
 
 
 # --------------------------------------------------------------------------- zero schedule
@@ -412,8 +437,13 @@ def _moved_before(trace: Trace, zero_init: Mapping[str, str | None], param: str,
       description="NaN or Inf in a stage, a gradient or the loss (first occurrence)")
 def non_finite(ctx: Context) -> list[Anomaly]:
     trace = ctx.trace
+
+    def masked(name: str, s: TensorStats) -> bool:  # a mask's -inf entries are the mask working
+        return (ctx.kind(name) == StageKind.MASK and s.nan == 0 and s.max is not None
+                and math.isfinite(s.max))
+
     for i, it in enumerate(trace.iterations):
-        ordered = [(Section.FORWARD.label, n, s) for n, s in it.forward.items()]
+        ordered = [(Section.FORWARD.label, n, s) for n, s in it.forward.items() if not masked(n, s)]
         ordered += [(Section.STAGE_GRADS.label, n, s) for n, s in it.stage_grads.items()]
         ordered += [(Section.PARAM_GRADS.label, n, s) for n, s in it.param_grads.items() if s is not None]
         for kind, name, s in ordered:
@@ -566,20 +596,20 @@ def dead_gradient(ctx: Context) -> list[Anomaly]:
 
 
 # --------------------------------------------------------------------------- invariants and growth
-NORM_PATTERNS = ("*.norm", "*_norm", "final_norm")
+# The rules below key on stage kinds (``kinds``): the trace's own, or for a trace without them the
+# kinds the reference model's names imply (``kinds.kind_by_name``), so old traces read as before.
+NORM_PATTERNS = _kinds.NORM_PATTERNS
 
 
-@rule(id="norm-invariant", severity=ERROR, thresholds={"norm_rms_tol": 1e-3},
-      description="an RMSNorm output whose rms is not 1")
+@rule(id="norm-invariant", severity=(ERROR, INFO), thresholds={"norm_rms_tol": 1e-3},
+      description="a norm output without a learnable scale whose rms is not 1")
 def norm_invariant(ctx: Context) -> list[Anomaly]:
     trace, th = ctx.trace, ctx.th
     out = []
     for i, it in enumerate(trace.iterations):
         for name, s in it.forward.items():
-            if not any(fnmatch.fnmatchcase(name, p) for p in NORM_PATTERNS) or not s.finite or s.all_zero:
+            if ctx.kind(name) != StageKind.NORM or not s.finite or s.all_zero:
                 continue  # an all-zero input normalises to zero: the stage feeding it is the story
-            if f"{name}.weight" in trace.parameters:
-                continue  # a module's output after its learnable scale (HF's RMSNorm): rms 1 is not expected
             rms = s.rms_estimate
             tol = th.norm_rms_tol * (10 if s.dtype in ("torch.bfloat16", "torch.float16") else 1)
             # rows that are exactly zero (padding, a zeroed position) stay zero: rms^2 = share of nonzero rows
@@ -593,7 +623,23 @@ def norm_invariant(ctx: Context) -> list[Anomaly]:
                                    "wrong dim, or carrying a learnable scale that moved",
                                    f"check the norm that produces {name}: F.rms_norm(x, (x.size(-1),))"))
                 break  # one per iteration: later norms usually inherit the cause
-    return _first_per_stage(out)
+    out = _first_per_stage(out)
+    affine = [n for n in ctx.stage_order if ctx.kind(n) == StageKind.NORM_AFFINE]
+    if affine and ctx.recorded_kinds:
+        checked = sum(ctx.kind(n) == StageKind.NORM for n in ctx.stage_order)
+        out.append(Anomaly("norm-invariant", INFO, None, None,
+                           f"{_count(len(affine), 'norm stage')} with a learnable scale not checked "
+                           f"({_fmt_names(affine, 4)}); {_count(checked, 'norm stage')} without one checked",
+                           "a learnable weight or bias is applied before the stage's output, so its rms need "
+                           "not be 1", "nothing to do; a norm's own normalisation is checked where it is a "
+                           "stage without the scale (F.rms_norm(x, shape) before * weight)"))
+    return out
+
+
+def _relative(name: str, other: str) -> str:
+    """``other`` without the module prefix it shares with ``name`` (``q`` beside ``blocks.0.attn.q_rope``)."""
+    prefix = name.rsplit("/", 1)[0] + "." if "/" in name else name.rsplit(".", 1)[0] + "."
+    return other[len(prefix):] if other.startswith(prefix) and len(other) > len(prefix) else other
 
 
 @rule(id="rope-invariant", severity=ERROR, thresholds={"rope_rtol": 2.0**-8},
@@ -603,66 +649,82 @@ def rope_invariant(ctx: Context) -> list[Anomaly]:
     out = []
     for i, it in enumerate(trace.iterations):
         for name, s in it.forward.items():
-            for suffix, src in (("q_rope", "q"), ("k_rope", "k")):
-                if not name.endswith("." + suffix):
-                    continue
-                before = it.forward.get(name[: -len(suffix)] + src)
-                if before is None:
-                    continue
-                a, b = before.rms_estimate, s.rms_estimate
-                if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
-                    continue
-                if abs(b - a) > th.rope_rtol * a + 1e-12:
-                    out.append(Anomaly("rope-invariant", ERROR, i, name,
-                                       f"RoPE changed the rms of {src} from {a:.6f} to {b:.6f} at {name} "
-                                       f"(allowed {th.rope_rtol:.3g} relative: bf16 tables)",
-                                       "the rotation is not a rotation: a flipped sign of sin in one half, "
-                                       "mismatched pair layout (interleaved vs half-split) or wrong tables",
-                                       "run pytest_gpttrace.properties.check_rope on your rotary function"))
+            if ctx.kind(name) != StageKind.ROTARY:
+                continue
+            src = trace.stage_inputs.get(name) or _kinds.rope_input_by_name(name)
+            before = it.forward.get(src) if src else None
+            if src is None or before is None:
+                continue
+            a, b = before.rms_estimate, s.rms_estimate
+            if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+                continue
+            if abs(b - a) > th.rope_rtol * a + 1e-12:
+                label = _relative(name, src)
+                out.append(Anomaly("rope-invariant", ERROR, i, name,
+                                   f"RoPE changed the rms of {label} from {a:.6f} to {b:.6f} at {name} "
+                                   f"(allowed {th.rope_rtol:.3g} relative: bf16 tables)",
+                                   "the rotation is not a rotation: a flipped sign of sin in one half, "
+                                   "mismatched pair layout (interleaved vs half-split) or wrong tables",
+                                   "run pytest_gpttrace.properties.check_rope on your rotary function"))
     return _first_per_stage(out)
+
+
+DEFAULT_SOFTCAP = 15.0  # nanochat's cap, for a trace whose config names none
+SOFTCAP_KEYS = ("softcap", "final_logit_softcapping")  # the reference config's, Hugging Face's (Gemma 2)
+
+
+def _softcap_of(config: Mapping[str, Any]) -> float:
+    for key in SOFTCAP_KEYS:
+        cap = config.get(key)
+        if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0:
+            return float(cap)
+    return DEFAULT_SOFTCAP
 
 
 @rule(id="softcap", severity=(ERROR, WARNING, INFO), thresholds={"softcap_saturation": 0.5},
       description="logits outside ±softcap, or saturated near the cap")
 def softcap(ctx: Context) -> list[Anomaly]:
     trace, th = ctx.trace, ctx.th
-    cap = trace.config.get("softcap")
-    if not isinstance(cap, (int, float)) or cap <= 0:
-        cap = 15.0
+    cap = _softcap_of(trace.config)
     out = []
     for i, it in enumerate(trace.iterations):
-        s = it.forward.get("lm_head.softcap")
-        if s is None or s.min is None or s.max is None or not s.finite:
-            continue
-        peak = max(abs(s.min), abs(s.max))
-        if peak > cap * (1 + 1e-6):
-            out.append(Anomaly("softcap", ERROR, i, "lm_head.softcap",
-                               f"logits after the softcap reach {peak:.4f}, beyond ±{cap:g}",
-                               "the cap is not applied (or applied before another scaling)",
-                               "apply logits = cap * tanh(logits / cap) last"))
-            continue
-        rms = s.rms_estimate
-        if rms is not None and rms / cap > th.softcap_saturation:
-            out.append(Anomaly("softcap", WARNING, i, "lm_head.softcap",
-                               f"the softcapped logits are saturated: rms {rms:.3f} is {rms / cap:.0%} of the cap "
-                               f"±{cap:g} (peak {peak:.3f})",
-                               "the logits grow too large; the tanh squashes most of them near the cap",
-                               "lower the LM head learning rate, or check the final norm"))
-        elif peak / cap > 0.9:
-            out.append(Anomaly("softcap", INFO, i, "lm_head.softcap",
-                               f"the largest logits reach {peak / cap:.0%} of the cap ±{cap:g}",
-                               "some logits are near saturation", "nothing to do unless it grows"))
+        for name, s in it.forward.items():
+            if ctx.kind(name) != StageKind.SOFTCAP:
+                continue
+            if s.min is None or s.max is None or not s.finite:
+                continue
+            peak = max(abs(s.min), abs(s.max))
+            if peak > cap * (1 + 1e-6):
+                out.append(Anomaly("softcap", ERROR, i, name,
+                                   f"logits after the softcap reach {peak:.4f}, beyond ±{cap:g}",
+                                   "the cap is not applied (or applied before another scaling)",
+                                   "apply logits = cap * tanh(logits / cap) last"))
+                continue
+            rms = s.rms_estimate
+            if rms is not None and rms / cap > th.softcap_saturation:
+                out.append(Anomaly("softcap", WARNING, i, name,
+                                   f"the softcapped logits are saturated: rms {rms:.3f} is {rms / cap:.0%} of the "
+                                   f"cap ±{cap:g} (peak {peak:.3f})",
+                                   "the logits grow too large; the tanh squashes most of them near the cap",
+                                   "lower the LM head learning rate, or check the final norm"))
+            elif peak / cap > 0.9:
+                out.append(Anomaly("softcap", INFO, i, name,
+                                   f"the largest logits reach {peak / cap:.0%} of the cap ±{cap:g}",
+                                   "some logits are near saturation", "nothing to do unless it grows"))
     return out
 
 
-def _layer_series(it: Iteration, section: Section) -> list[tuple[int, str, TensorStats]]:
-    """Per block, the residual stream after the block (mlp_resid, else the next block's input)."""
+def _layer_series(ctx: Context, it: Iteration, section: Section) -> list[tuple[int, str, TensorStats]]:
+    """Per block, the residual stream after the block: its last residual stage in forward order
+    (mlp_resid; the second add, ``blocks.0/add#2``; a block's input where nothing later is traced)."""
+    stats = it.section(section)
     by_block: dict[int, tuple[str, TensorStats]] = {}
-    for name, s in it.section(section).items():
+    for name in dict.fromkeys([*it.forward, *stats]):
         b = _block_index(name)
-        if b is None or s is None:
+        s = stats.get(name)
+        if b is None or s is None or ctx.kind(name) != StageKind.RESIDUAL:
             continue
-        if name.endswith("mlp_resid") or (name.endswith(".input") and b not in by_block):
+        if ctx.recorded_kinds or name.endswith("mlp_resid") or b not in by_block:
             by_block[b] = (name, s)
     return [(b, *by_block[b]) for b in sorted(by_block)]
 
@@ -673,7 +735,7 @@ def residual_growth(ctx: Context) -> list[Anomaly]:
     trace, th = ctx.trace, ctx.th
     out = []
     for i, it in enumerate(trace.iterations):
-        series = _layer_series(it, Section.FORWARD)
+        series = _layer_series(ctx, it, Section.FORWARD)
         for (_, n0, s0), (_, n1, s1) in itertools.pairwise(series):
             a, c = s0.std, s1.std
             if not a or c is None or not (math.isfinite(a) and math.isfinite(c)):
@@ -697,7 +759,7 @@ def gradient_growth(ctx: Context) -> list[Anomaly]:
     trace, th = ctx.trace, ctx.th
     out = []
     for i, it in enumerate(trace.iterations):
-        series = _layer_series(it, Section.STAGE_GRADS)
+        series = _layer_series(ctx, it, Section.STAGE_GRADS)
         for (_, n0, s0), (_, n1, s1) in itertools.pairwise(series):
             a, c = s0.rms_estimate, s1.rms_estimate
             if not a or not c or not (math.isfinite(a) and math.isfinite(c)):
@@ -714,14 +776,18 @@ def gradient_growth(ctx: Context) -> list[Anomaly]:
 
 
 @rule(id="dead-relu", severity=(WARNING, ERROR), thresholds={"dead_relu_warn": 0.9, "dead_relu_error": 0.999},
-      description="ReLU² outputs (almost) all zero")
+      description="activation outputs (ReLU, ReLU²) (almost) all zero")
 def dead_relu(ctx: Context) -> list[Anomaly]:
     trace, th = ctx.trace, ctx.th
     out = []
     for i, it in enumerate(trace.iterations):
-        for name, s in it.forward.items():
-            if not name.endswith("relu2") or s.zero_frac is None or s.all_zero:
+        names = list(it.forward)
+        for n, (name, s) in enumerate(it.forward.items()):
+            if ctx.kind(name) != StageKind.ACTIVATION or s.zero_frac is None or s.all_zero:
                 continue
+            after = it.forward[names[n + 1]] if n + 1 < len(names) else None
+            if after is not None and ctx.kind(names[n + 1]) == StageKind.ACTIVATION and after.numel == s.numel:
+                continue  # a chain (ReLU then its square): reported once, at its end
             if s.zero_frac >= th.dead_relu_error:
                 sev = ERROR
             elif s.zero_frac >= th.dead_relu_warn:
@@ -734,6 +800,29 @@ def dead_relu(ctx: Context) -> list[Anomaly]:
                                "learning rate, or a broken c_fc init)",
                                "check the c_fc init and the learning rate of the MLP weights"))
     return _first_per_stage(out)
+
+
+@rule(id="coverage", severity=(WARNING, INFO),
+      description="a stage that fired in some iterations and not in others, or a selected module that never ran")
+def coverage(ctx: Context) -> list[Anomaly]:
+    cov = ctx.trace.coverage
+    out = []
+    for stage, missing in cov.missing.items():
+        its = ", ".join(str(i) for i in missing)
+        out.append(Anomaly("coverage", WARNING, missing[0], stage,
+                           f"{stage} did not fire in iteration{'s' if len(missing) > 1 else ''} {its} "
+                           "(it did in the others)",
+                           "the forward takes another path in some steps: data-dependent control flow, a "
+                           "branch on the step count, or a module skipped (layer drop)",
+                           "compare the iterations' stage lists; a golden of such a model holds each path"))
+    if cov.never_fired:
+        out.append(Anomaly("coverage", INFO, None, None,
+                           f"{_count(len(cov.never_fired), 'selected module')} never ran: "
+                           f"{_fmt_names(cov.never_fired)}",
+                           "modules the forward does not call (a dropout the fused attention replaces, an "
+                           "unused head): they have no stage",
+                           "nothing to do unless one of them should run"))
+    return out
 
 
 def _first_per_stage(anomalies: list[Anomaly]) -> list[Anomaly]:

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode, _pop_mode_temporarily
 
 from .errors import CaptureError
+from .kinds import StageKind
 
 GRANULARITIES = ("auto", "taps", "modules", "ops")
 
@@ -95,13 +96,18 @@ class OpCall:
 
 @dataclass(frozen=True)
 class OpRule:
-    """An op of the list: its stage name, the torch callables it covers, and an optional test of
-    the call (shapes and dtypes only; never a value)."""
+    """An op of the list: its stage name, the torch callables it covers, an optional test of the
+    call (shapes and dtypes only; never a value), and the kind of its stages (``kinds.StageKind``,
+    or a function of the call that returns one: a norm with or without its weight)."""
 
     name: str
     functions: tuple[Callable[..., Any], ...]
     accepts: Callable[[OpCall], bool] | None = None
     what: str = ""
+    kind: StageKind | Callable[[OpCall], StageKind] = StageKind.OTHER
+
+    def kind_of(self, call: OpCall) -> StageKind:
+        return self.kind if isinstance(self.kind, StageKind) else self.kind(call)
 
 
 def _floating(t: object) -> bool:
@@ -136,6 +142,16 @@ def _last_dim_join(call: OpCall) -> bool:
     out = call.result
     ndim = out.dim() if isinstance(out, torch.Tensor) else len(shape)
     return dim in (-1, ndim - 1) and len(shape) >= 2
+
+
+def _norm_kind(*positions: int) -> Callable[[OpCall], StageKind]:
+    """``norm_affine`` when the call passes a weight or a bias (at these positions or by keyword),
+    else ``norm``."""
+    def kind(call: OpCall) -> StageKind:
+        given = [call.args[i] for i in positions if i < len(call.args)]
+        given += [call.kwargs.get(k) for k in ("weight", "bias")]
+        return StageKind.NORM_AFFINE if any(v is not None for v in given) else StageKind.NORM
+    return kind
 
 
 def _scaled_tanh(call: OpCall) -> bool:
@@ -199,34 +215,34 @@ def _provenance(call: OpCall) -> str | None:
 TAGGED: tuple[Callable[..., Any], ...] = (*TANH, *SLICES, *NEGS, *JOINS, *MULS)
 
 OPS: dict[str, OpRule] = {rule.name: rule for rule in (
-    OpRule("rms_norm", (F.rms_norm,), what="F.rms_norm"),
-    OpRule("layer_norm", (F.layer_norm,), what="F.layer_norm"),
-    OpRule("group_norm", (F.group_norm,), what="F.group_norm"),
+    OpRule("rms_norm", (F.rms_norm,), what="F.rms_norm", kind=_norm_kind(2)),
+    OpRule("layer_norm", (F.layer_norm,), what="F.layer_norm", kind=_norm_kind(2, 3)),
+    OpRule("group_norm", (F.group_norm,), what="F.group_norm", kind=_norm_kind(2, 3)),
     OpRule("rotary", (*JOINS, torch.add, T.add, T.__add__, T.__radd__, torch.sub, T.sub, T.__sub__), _rotation,
            "torch.cat / torch.stack along the last dimension of equal-shape floating tensors, or "
-           "x*cos + rotate_half(x)*sin"),
+           "x*cos + rotate_half(x)*sin", StageKind.ROTARY),
     OpRule("mask", (T.masked_fill, T.masked_fill_, torch.masked_fill, torch.where), _masking,
-           "x.masked_fill(mask, value), torch.where(bool_mask, x, y)"),
+           "x.masked_fill(mask, value), torch.where(bool_mask, x, y)", StageKind.MASK),
     OpRule("scaled_dot_product_attention", (F.scaled_dot_product_attention,),
-           what="F.scaled_dot_product_attention"),
-    OpRule("softmax", (F.softmax, torch.softmax, T.softmax), what="F.softmax, torch.softmax, x.softmax()"),
-    OpRule("relu", (F.relu, torch.relu, T.relu), what="F.relu, torch.relu, x.relu()"),
-    OpRule("gelu", (F.gelu,), what="F.gelu"),
-    OpRule("silu", (F.silu,), what="F.silu"),
-    OpRule("square", (torch.square, T.square), what="torch.square, x.square()"),
-    OpRule("softcap", MULS, _scaled_tanh,
-           "a number times a tanh result of this forward"),
-    OpRule("add", ADDS, _residual_add,
-           "x + y of two floating tensors of the running module's residual shape"),
+           what="F.scaled_dot_product_attention", kind=StageKind.ATTENTION),
+    OpRule("softmax", (F.softmax, torch.softmax, T.softmax), what="F.softmax, torch.softmax, x.softmax()",
+           kind=StageKind.ATTENTION),
+    OpRule("relu", (F.relu, torch.relu, T.relu), what="F.relu, torch.relu, x.relu()", kind=StageKind.ACTIVATION),
+    OpRule("gelu", (F.gelu,), what="F.gelu", kind=StageKind.ACTIVATION),
+    OpRule("silu", (F.silu,), what="F.silu", kind=StageKind.ACTIVATION),
+    OpRule("square", (torch.square, T.square), what="torch.square, x.square()", kind=StageKind.ACTIVATION),
+    OpRule("softcap", MULS, _scaled_tanh, "a number times a tanh result of this forward", StageKind.SOFTCAP),
+    OpRule("add", ADDS, _residual_add, "x + y of two floating tensors of the running module's residual shape",
+           StageKind.RESIDUAL),
     OpRule("matmul", (torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm, torch.mm, T.mm),
-           what="x @ y, torch.matmul, bmm, mm"),
-    OpRule("linear", (F.linear,), what="F.linear (outside nn.Linear)"),
-    OpRule("cross_entropy", (F.cross_entropy,), what="F.cross_entropy"),
+           what="x @ y, torch.matmul, bmm, mm", kind=StageKind.MATMUL),
+    OpRule("linear", (F.linear,), what="F.linear (outside nn.Linear)", kind=StageKind.LINEAR),
+    OpRule("cross_entropy", (F.cross_entropy,), what="F.cross_entropy", kind=StageKind.LOSS),
     # known, not on by default
-    OpRule("tanh", TANH, what="torch.tanh, x.tanh(), F.tanh"),
-    OpRule("sigmoid", (torch.sigmoid, T.sigmoid, F.sigmoid), what="torch.sigmoid, x.sigmoid()"),
+    OpRule("tanh", TANH, what="torch.tanh, x.tanh(), F.tanh", kind=StageKind.ACTIVATION),
+    OpRule("sigmoid", (torch.sigmoid, T.sigmoid, F.sigmoid), what="torch.sigmoid, x.sigmoid()", kind=StageKind.ACTIVATION),
     OpRule("log_softmax", (F.log_softmax, torch.log_softmax, T.log_softmax), what="F.log_softmax"),
-    OpRule("nll_loss", (F.nll_loss,), what="F.nll_loss"),
+    OpRule("nll_loss", (F.nll_loss,), what="F.nll_loss", kind=StageKind.LOSS),
 )}
 
 DEFAULT_OPS: tuple[str, ...] = (
@@ -274,13 +290,13 @@ def records_inside(module: nn.Module, is_tap: Callable[[nn.Module], bool]) -> bo
                              for cls in type(module).__mro__[:-1]))
 
 
-Record = Callable[[str, str, torch.Tensor], None]  # (module name, op name, result)
+Record = Callable[[str, str, torch.Tensor, StageKind], None]  # (module name, op name, result, its kind)
 
 
 class OpRecorder(TorchFunctionMode):
     """The mode that sees every torch call of the traced forward and records those in the op list.
 
-    ``record(module, op, tensor)`` is called from the handler, where the mode is off the stack
+    ``record(module, op, tensor, kind)`` is called from the handler, where the mode is off the stack
     (torch pops a mode while its handler runs), so what it computes is not seen again; the
     capture's other work inside a forward (module hooks) runs under ``suspended()``."""
 
@@ -332,7 +348,7 @@ class OpRecorder(TorchFunctionMode):
             return result
         for rule in rules:
             if rule.accepts is None or rule.accepts(call):
-                self._record(frame.name, rule.name, result)
+                self._record(frame.name, rule.name, result, rule.kind_of(call))
                 break
         return result
 

@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from . import stats as _stats
+from .kinds import StageSources
 from .stats import StatsBatch
 from .trace import STAGE_SECTIONS, Iteration, Section, TensorStats
 
@@ -96,6 +97,7 @@ class PendingIteration:
         self._awaiting: dict[str, list[str]] = {}
         self._awaiting_ops: dict[str, list[str]] = {}
         self._no_grad: dict[str, None] = {}
+        self.sources = StageSources()  # the stages recorded so far, by autograd node (a rotary's input)
 
     @property
     def empty(self) -> bool:

@@ -23,6 +23,12 @@ Format 2 is format 1 plus a calibration (see ``calibrate``): a top-level ``"cali
 ``"band"`` object at the end of each stage's line (per statistic, the largest deviation of the
 replays from this trace) and a ``"loss_band"`` per iteration. A trace without a calibration is
 still written as format 1, and format 1 files read as before.
+
+Two optional top-level objects say what the stages are (``kinds``): ``"stage_kinds"`` (stage name
+-> kind: ``norm``, ``rotary``, ``residual``, ...) and ``"stage_inputs"`` (a rotary stage -> the
+stage it rotates). Each is written only when it has entries; a file without them reads as having
+none, and the rules then go by the reference model's names. They are metadata: the comparison
+never reads them.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from typing import Any, Literal, NoReturn, TypeGuard, TypeVar, overload
 
 from .coverage import Coverage
 from .errors import TraceFormatError
+from .kinds import KINDS
 
 FORMAT_VERSION = 1  # an uncalibrated trace
 CALIBRATED_FORMAT = 2  # a trace with its calibration band
@@ -224,6 +231,10 @@ class Trace:
     calibration: Mapping[str, Any] | None = None
     # stages missing from some iterations, selected stages that never fired, gradients not recorded
     coverage: Coverage = field(default_factory=Coverage)
+    # stage name -> its kind (a kinds.StageKind value); empty when not recorded
+    stage_kinds: Mapping[str, str] = field(default_factory=dict)
+    # rotary stage -> the stage it rotates (found from the autograd graph); empty when not recorded
+    stage_inputs: Mapping[str, str] = field(default_factory=dict)
     # how precisely the numbers are known and whether every stage is listed; not part of the JSON
     provenance: Provenance = field(default_factory=Provenance, compare=False)
 
@@ -296,6 +307,10 @@ def dumps(trace: Trace) -> str:
     lines.append(f'  "zero_params": {_line(None if trace.zero_params is None else list(trace.zero_params))},')
     if trace.frozen_params:  # only when there are any: traces without frozen parameters stay as they were
         lines.append(f'  "frozen_params": {_line(list(trace.frozen_params))},')
+    if trace.stage_kinds:  # only when recorded: traces written before kinds stay as they were
+        lines.append(f'  "stage_kinds": {_line(dict(trace.stage_kinds))},')
+    if trace.stage_inputs:
+        lines.append(f'  "stage_inputs": {_line(dict(trace.stage_inputs))},')
     if trace.calibrated:
         lines.append(f'  "calibration": {_line(_jsonable(trace.calibration))},')
     if trace.coverage:  # only when there is something to say: complete traces stay as they were
@@ -453,6 +468,20 @@ class _Reader:
             self.fail(f"{path}.{key}", "expected a list of parameter names (strings)")
         return tuple(names)
 
+    def string_map(self, obj: object, key: str, path: str, what: str,
+                   allowed: tuple[str, ...] | None = None) -> dict[str, str]:
+        """An optional object of stage name -> string (``allowed``: the values it may hold); {} when absent."""
+        entries = self.get(obj, key, path, (dict,), f"an object of stage name -> {what}", optional=True)
+        if entries is None:
+            return {}
+        for name, value in entries.items():
+            p = f'{path}.{key}["{name}"]'
+            if not isinstance(value, str):
+                self.fail(p, f"expected {what} (a string), got {_typename(value)} {_short(value)}")
+            if allowed is not None and value not in allowed:
+                self.fail(p, f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+        return dict(entries)
+
 
 def _is(value: object, kinds: tuple[type[_T], ...]) -> TypeGuard[_T]:
     if bool in kinds:
@@ -547,6 +576,8 @@ def loads(text: str, file: PathLike | None = None) -> Trace:
     parameters = r.get(doc, "parameters", "$", (dict,), "an object of parameter name -> shape", optional=True) or {}
     zero_params = r.names(doc, "zero_params", "$", nullable=True)
     frozen = r.names(doc, "frozen_params", "$", nullable=False) or ()
+    stage_kinds = r.string_map(doc, "stage_kinds", "$", "stage kind", KINDS)
+    stage_inputs = r.string_map(doc, "stage_inputs", "$", "stage name")
     calibration = r.get(doc, "calibration", "$", (dict,), "an object (where the bands came from)", optional=True)
     if version >= CALIBRATED_FORMAT and calibration is None:
         r.fail("$", 'missing field "calibration" (a format 2 trace records where its bands came from)')
@@ -587,6 +618,8 @@ def loads(text: str, file: PathLike | None = None) -> Trace:
         frozen_params=frozen,
         calibration=calibration,
         coverage=coverage,
+        stage_kinds=stage_kinds,
+        stage_inputs=stage_inputs,
     )
 
 

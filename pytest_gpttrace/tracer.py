@@ -54,6 +54,7 @@ from torch.utils.hooks import RemovableHandle
 from .coverage import Coverage, gaps
 from .dither import undithered
 from .errors import CaptureError
+from .kinds import StageKind, module_kind
 from .ops import OpRecorder, records_inside, resolve_granularity, resolve_ops
 from .recording import PendingIteration, StatsPathChoice, ZeroCensus
 from .trace import EnvKey, Iteration, Trace
@@ -212,6 +213,8 @@ class Capture:
         self.ops: tuple[str, ...] = resolve_ops(ops) if self.granularity == "ops" else ()
         self._patterns = StagePatterns(stages)
         self._op_kept: dict[str, bool] = {}
+        self.stage_kinds: dict[str, str] = {}  # stage -> kinds.StageKind value, as first recorded
+        self.stage_inputs: dict[str, str] = {}  # rotary stage -> the stage it rotates (kinds.StageSources)
         self._recorder: OpRecorder | None = None
         self.iterations: list[Iteration] = []
         self.autocast: set[str] = set()  # autocast dtypes seen active in a traced forward
@@ -244,7 +247,7 @@ class Capture:
         return self._census.zero_params
 
     # -- hooks -----------------------------------------------------------------
-    def _forward_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+    def _forward_hook(self, name: str, kind: StageKind) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self._active:
                 return
@@ -256,17 +259,18 @@ class Capture:
             recorder = self._recorder
             with pending.clock, (recorder.suspended() if recorder is not None else contextlib.nullcontext()):
                 for suffix, t in _tensors(output):
-                    self._record(name + suffix, t)
+                    self._record(name + suffix, t, kind)
         return hook
 
-    def _record(self, name: str, t: torch.Tensor, module: str | None = None) -> None:
+    def _record(self, name: str, t: torch.Tensor, kind: StageKind, module: str | None = None) -> None:
         """Queue one stage output's statistics and hook its gradient (inside the pending clock);
-        module: the module of an op stage."""
+        kind: what the stage is; module: the module of an op stage."""
         pending, device_type = self._pending, self._device.type
         if torch.is_autocast_enabled(device_type):
             self.autocast.add(f"{device_type} {torch.get_autocast_dtype(device_type)}")
         with undithered():
             stage = pending.forward(name, t)
+        self._record_kind(stage, t, kind)
         if self.grads and t.requires_grad:
             self._hook_grad(stage, t)
         elif self.grads and not torch.is_grad_enabled() and t.is_floating_point():
@@ -291,7 +295,20 @@ class Capture:
                 if t.requires_grad:
                     self._hook_grad(stage, t)
 
-    def _record_op(self, module: str, op: str, t: torch.Tensor) -> None:
+    def _record_kind(self, stage: str, t: torch.Tensor, kind: StageKind) -> None:
+        """The stage's kind, and a rotary's input stage (host-side: no value is read)."""
+        if stage not in self.stage_kinds:
+            self.stage_kinds[stage] = kind.value
+        if torch.compiler.is_compiling():
+            return
+        sources = self._pending.sources
+        if kind == StageKind.ROTARY and stage not in self.stage_inputs:
+            source = sources.source_of(t)
+            if source is not None:
+                self.stage_inputs[stage] = source
+        sources.note(stage, t)
+
+    def _record_op(self, module: str, op: str, t: torch.Tensor, kind: StageKind) -> None:
         """An op result seen by the recorder (its handler runs with the mode off the stack)."""
         if not self._active or _recomputing():
             return
@@ -302,7 +319,7 @@ class Capture:
             if kept is None:
                 kept = self._op_kept[name] = self._patterns.keeps_op(name)
             if kept:
-                self._record(name, t, module)
+                self._record(name, t, kind, module)
 
     def _context_hooks(self, recorder: OpRecorder) -> None:
         """Forward pre-hooks and hooks on every module: the stack of running modules, and on the
@@ -347,7 +364,8 @@ class Capture:
         self._active = True
         try:
             for name, module in self.stages:
-                self._module_hooks.append(module.register_forward_hook(self._forward_hook(name)))
+                hook = self._forward_hook(name, module_kind(module, name))
+                self._module_hooks.append(module.register_forward_hook(hook))
             if self.ops:
                 self._recorder = OpRecorder(self.ops, self._record_op)
                 self._context_hooks(self._recorder)
@@ -449,6 +467,8 @@ class Capture:
             zero_params=self.zero_params,
             frozen_params=tuple(n for n, p in self.model.named_parameters() if not p.requires_grad),
             coverage=self.coverage(),
+            stage_kinds=dict(self.stage_kinds),
+            stage_inputs=dict(self.stage_inputs),
         )
 
 

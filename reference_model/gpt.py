@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from pytest_gpttrace.kinds import StageKind
 from pytest_gpttrace.scaling import width_for_depth
 
 
@@ -93,7 +94,13 @@ class GPTConfig:
 
 
 class Tap(nn.Module):
-    """An identity whose output hooks can observe or replace; the model continues with what it returns."""
+    """An identity whose output hooks can observe or replace; the model continues with what it returns.
+
+    ``gpttrace_kind`` says what the tapped result is (a norm's output, the rotated queries, ...):
+    the trace records it as the stage's kind, and the anomaly rules read it. The model sets it from
+    ``TAP_KINDS``."""
+
+    gpttrace_kind: StageKind = StageKind.OTHER
 
     def forward(self, x: Tensor) -> Tensor:
         return x
@@ -101,6 +108,21 @@ class Tap(nn.Module):
     if TYPE_CHECKING:  # nn.Module.__call__ returns Any; a tap returns a tensor like its input
 
         def __call__(self, x: Tensor) -> Tensor: ...
+
+
+# what each tap shows, by its attribute name (a tap not listed is "other"): its stage kind
+TAP_KINDS: dict[str, StageKind] = {
+    "wte": StageKind.EMBEDDING,
+    "norm": StageKind.NORM, "q_norm": StageKind.NORM, "k_norm": StageKind.NORM, "final_norm": StageKind.NORM,
+    "q": StageKind.LINEAR, "k": StageKind.LINEAR, "v": StageKind.LINEAR, "fc": StageKind.LINEAR,
+    "out": StageKind.LINEAR, "logits": StageKind.LINEAR,
+    "q_rope": StageKind.ROTARY, "k_rope": StageKind.ROTARY,
+    "sdpa": StageKind.ATTENTION,
+    "relu": StageKind.ACTIVATION, "relu2": StageKind.ACTIVATION,
+    "input": StageKind.RESIDUAL, "attn_resid": StageKind.RESIDUAL, "mlp_resid": StageKind.RESIDUAL,
+    "softcap": StageKind.SOFTCAP,
+    "loss": StageKind.LOSS,
+}
 
 
 def norm(x: Tensor) -> Tensor:
@@ -278,6 +300,9 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(torch.arange(config.sequence_len), config.head_dim, config.rope_base)
         self.register_buffer("cos", cos, persistent=False)  # (1, sequence_len, 1, D/2) bf16
         self.register_buffer("sin", sin, persistent=False)
+        for name, module in self.named_modules():
+            if isinstance(module, Tap):
+                module.gpttrace_kind = TAP_KINDS.get(name.rsplit(".", 1)[-1], StageKind.OTHER)
         self.init_weights(seed)
 
     @torch.no_grad()

@@ -1,5 +1,6 @@
 """Anomaly rules: the seed, the clean reference model, injected faults, and each rule on its own."""
 
+import dataclasses
 import math
 
 import pytest
@@ -297,3 +298,56 @@ def test_a_zero_init_projection_left_out_of_the_optimizer_is_reported_once():
     assert errs and all(a.rule == "zero-schedule" for a in errs)
     assert len({a.stage for a in errs}) == len(errs)  # each stuck projection once, not once per iteration
     assert {a.stage for a in errs} == {"blocks.0.attn.out", "blocks.1.attn.out"}
+
+
+# ------------------------------------------------------------------ rules keyed on stage kinds
+def kinds_trace(forward, kinds, inputs=None, grads=None):
+    return dataclasses.replace(trace_of(forward, grads=grads), stage_kinds=kinds, stage_inputs=inputs or {})
+
+
+def test_recorded_kinds_decide_which_stages_a_rule_checks():
+    bad = replace_stats(S, rms=3.0)
+    # a norm by kind, whatever its name; a stage named like a norm but recorded as another kind is not one
+    assert rules(kinds_trace({"x/rms_norm#1": bad}, {"x/rms_norm#1": "norm"})) == [("norm-invariant", ERROR)]
+    assert rules(kinds_trace({"final_norm": bad}, {"final_norm": "other"})) == []
+    # a learnable-scale norm: not checked, and one info says so
+    found = detect(kinds_trace({"ln_1": bad, "ln_2": bad}, {"ln_1": "norm_affine", "ln_2": "norm_affine"}))
+    assert [(a.rule, a.severity, a.stage) for a in found] == [("norm-invariant", INFO, None)]
+    assert found[0].symptom == ("2 norm stages with a learnable scale not checked (ln_1, ln_2); "
+                                "0 norm stages without one checked")
+
+
+def test_rope_invariant_compares_a_rotary_stage_with_its_recorded_input():
+    fwd = {"a.c_q": replace_stats(S, rms=1.0), "a.c_k": replace_stats(S, rms=2.0), "a/rotary#1": replace_stats(S, rms=2.0)}
+    kinds = {"a.c_q": "linear", "a.c_k": "linear", "a/rotary#1": "rotary"}
+    (a,) = detect(kinds_trace(fwd, kinds, {"a/rotary#1": "a.c_q"}))
+    assert a.rule == "rope-invariant" and a.stage == "a/rotary#1"
+    assert a.symptom.startswith("RoPE changed the rms of c_q from 1.000000 to 2.000000 at a/rotary#1")
+    assert rules(kinds_trace(fwd, kinds, {"a/rotary#1": "a.c_k"})) == []
+    assert rules(kinds_trace(fwd, kinds)) == []  # no input recorded and no reference name: nothing to compare
+
+
+def test_dead_relu_reports_a_chain_once_at_its_end_and_softcap_any_softcap_stage():
+    dead = replace_stats(S, zero_frac=0.95)
+    fwd = {"m/relu#1": dead, "m/square#1": dead}
+    found = detect(kinds_trace(fwd, {"m/relu#1": "activation", "m/square#1": "activation"}))
+    assert [(a.rule, a.stage) for a in found] == [("dead-relu", "m/square#1")]
+    beyond = replace_stats(S, max=16.0)
+    assert [(a.rule, a.stage) for a in detect(kinds_trace({"softcap#1": beyond}, {"softcap#1": "softcap"}))] \
+        == [("softcap", "softcap#1")]
+
+
+def test_residual_growth_takes_each_blocks_last_residual_stage():
+    fwd = {"h.0/add#1": replace_stats(S, std=1.0), "h.0/add#2": replace_stats(S, std=1.0),
+           "h.1/add#1": replace_stats(S, std=1.5), "h.1/add#2": replace_stats(S, std=10.0)}
+    kinds = dict.fromkeys(fwd, "residual")
+    (a,) = detect(kinds_trace(fwd, kinds))
+    assert a.rule == "residual-growth" and a.stage == "h.1/add#2" and "from h.0/add#2 (1) to h.1/add#2 (10)" in a.symptom
+
+
+def test_the_reference_model_gets_the_same_anomalies_from_its_kinds_as_from_its_names(monkeypatch):
+    monkeypatch.setattr(gpt, "norm", lambda x, _norm=gpt.norm: x if x.ndim == 4 else _norm(x))  # QK norm gone
+    trace = traced()
+    assert trace.stage_kinds
+    by_names = dataclasses.replace(trace, stage_kinds={}, stage_inputs={})
+    assert detect(trace) == detect(by_names)

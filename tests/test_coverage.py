@@ -181,6 +181,17 @@ def test_the_trace_records_stages_missing_from_an_iteration_and_selected_stages_
     assert loads(text) == trace
 
 
+def test_the_coverage_rule_warns_of_a_stage_missing_in_an_iteration_and_notes_modules_that_never_ran():
+    from pytest_gpttrace.anomalies import detect
+
+    found = [(a.severity.value, a.iteration, a.stage, a.symptom) for a in detect(trace_branchy()) if a.rule == "coverage"]
+    assert found == [
+        ("warning", 0, "a#2", "a#2 did not fire in iteration 0 (it did in the others)"),
+        ("warning", 1, "sometimes", "sometimes did not fire in iteration 1 (it did in the others)"),
+        ("info", None, None, "1 selected module never ran: unused"),
+    ]
+
+
 def test_a_trace_that_covers_every_stage_writes_no_coverage_field():
     trace = Trace({}, {}, (it(0, forward={"x": S}),))
     assert '"coverage"' not in dumps(trace)

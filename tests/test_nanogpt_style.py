@@ -2,6 +2,9 @@
 returned as it is: its attention, mask and residual stages are traced per block, one-line bugs are
 first reported where they act, and a healthy run is free of anomalies."""
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
@@ -67,3 +70,13 @@ def test_a_removed_mask_is_first_reported_at_the_mask_stage(healthy):
 def test_a_dropped_attention_scale_is_first_reported_at_the_masked_scores(healthy):
     assert first(compare(healthy, trace_nano(faults=Faults(no_scale=True)))) == \
         (0, "forward", "transformer.h.0.attn/mask#1")
+
+
+def test_a_mask_stage_with_nan_or_positive_inf_is_still_non_finite(healthy):
+    name = "transformer.h.0.attn/mask#1"
+    it = healthy.iterations[0]
+    for broken in (dataclasses.replace(it.forward[name], nan=1), dataclasses.replace(it.forward[name], max=math.inf)):
+        trace = dataclasses.replace(healthy, iterations=(dataclasses.replace(it, forward={**it.forward, name: broken}),
+                                                         *healthy.iterations[1:]))
+        found = [a for a in detect(trace) if a.rule == "non-finite"]
+        assert [a.stage for a in found] == [name]

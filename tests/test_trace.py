@@ -111,3 +111,36 @@ def test_the_rms_estimate_is_the_recorded_rms_or_the_one_mean_and_std_imply():
     assert implied.rms_estimate == pytest.approx(math.sqrt((x**2).mean().item()), rel=1e-12)
     assert make_stats((1,), mean=3.0, std=0.0, rms=None).rms_estimate == 3.0
     assert make_stats((0,), mean=None, std=None, rms=None).rms_estimate is None
+
+
+def test_stage_kinds_and_inputs_round_trip_and_are_omitted_when_there_are_none():
+    s = make_stats((2,), mean=0.1, std=0.2, min=0.0, max=0.3, rms=0.25, zero_frac=0.5)
+    its = (Iteration(0, 1.5, True, {}, {"a.c_q": s, "a/rotary#1": s}, {}, {}),)
+    trace = Trace({}, {}, its, stage_kinds={"a.c_q": "linear", "a/rotary#1": "rotary"},
+                  stage_inputs={"a/rotary#1": "a.c_q"})
+    text = dumps(trace)
+    assert '"stage_kinds": {"a.c_q": "linear", "a/rotary#1": "rotary"},' in text
+    assert '"stage_inputs": {"a/rotary#1": "a.c_q"},' in text
+    back = loads(text)
+    assert back.stage_kinds == trace.stage_kinds and back.stage_inputs == trace.stage_inputs
+    assert dumps(back) == text
+    plain = dumps(Trace({}, {}, its))  # a trace written before kinds: no key, and read back empty
+    assert "stage_kinds" not in plain and "stage_inputs" not in plain
+    assert loads(plain).stage_kinds == {} and loads(plain).stage_inputs == {}
+
+
+@pytest.mark.parametrize(("old", "new", "path", "message"), [
+    ('"rotary"}', '"rope"}', '$.stage_kinds["a/rotary#1"]', "unknown stage kind 'rope'; expected one of norm, "),
+    ('"rotary"}', '3}', '$.stage_kinds["a/rotary#1"]', "expected stage kind (a string), got an integer 3"),
+    ('"stage_kinds": {"a/rotary#1": "rotary"}', '"stage_kinds": []', "$.stage_kinds",
+     "expected an object of stage name -> stage kind, got a list"),
+    ('{"a/rotary#1": "a.c_q"}', '{"a/rotary#1": null}', '$.stage_inputs["a/rotary#1"]',
+     "expected stage name (a string), got null"),
+])
+def test_malformed_stage_kinds_name_the_json_path(old, new, path, message):
+    trace = Trace({}, {}, (), stage_kinds={"a/rotary#1": "rotary"}, stage_inputs={"a/rotary#1": "a.c_q"})
+    text = dumps(trace)
+    assert old in text
+    with pytest.raises(TraceFormatError) as info:
+        loads(text.replace(old, new), "t.json")
+    assert info.value.path == path and message in str(info.value)
