@@ -318,5 +318,5 @@ def test_without_autograd_no_rotary_input_is_recorded_and_the_rule_is_silent():
 
 def test_the_kind_vocabulary_is_its_documented_list():
     assert KINDS == ("norm", "norm_affine", "rotary", "attention", "activation", "residual", "softcap", "loss",
-                     "linear", "embedding", "matmul", "other")
+                     "linear", "embedding", "matmul", "mask", "other")
     assert [str(k) for k in StageKind] == list(KINDS)
