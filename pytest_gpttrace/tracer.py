@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from .compiled import CompiledCapture
 from .dither import undithered
 from .errors import CaptureError
 from .ops import OpRecorder, records_inside, resolve_granularity, resolve_ops
@@ -186,6 +187,10 @@ class Capture:
                  grads: bool = True, param_grads: bool = True, stats_path: str | None = None,
                  granularity: str | None = None, ops: Sequence[str] | None = None):
         _refuse_meta(model)
+        # a torch.compile'd model: traced under its eager module's names, the hooks inside its graph
+        self._compiled = CompiledCapture.of(model, granularity, has_taps)
+        if self._compiled is not None:
+            model, granularity = self._compiled.model, self._compiled.granularity
         self.model = model
         self.grads = grads
         self.param_grads = param_grads
@@ -298,7 +303,9 @@ class Capture:
         self._census.take(self.model)
         self._active = True
         try:
-            for name, module in self.stages:
+            compiled = self._compiled is not None and self._compiled.enter(
+                self.stages, self.granularity, self.grads, self._device, lambda: self._active)
+            for name, module in [] if compiled else self.stages:
                 self._module_hooks.append(module.register_forward_hook(self._forward_hook(name)))
             if self.ops:
                 self._recorder = OpRecorder(self.ops, self._record_op)
@@ -316,6 +323,8 @@ class Capture:
         for handle in self._module_hooks:
             handle.remove()
         self._module_hooks = []
+        if self._compiled is not None:
+            self._compiled.exit()
         if self._recorder is not None:
             self._recorder.close()
             self._recorder = None
@@ -325,6 +334,8 @@ class Capture:
         """Close the iteration in progress (its tensor hooks removed) and start an empty one."""
         self._pending.close()
         self._pending = PendingIteration(self._path.path)
+        if self._compiled is not None:
+            self._compiled.discard()
 
     def discard_iteration(self) -> None:
         """Drop what the current iteration has recorded so far (a step that raised and was skipped)."""
@@ -357,6 +368,8 @@ class Capture:
                 for name, p in self.model.named_parameters():
                     if p.requires_grad:  # a frozen one has no gradient by design (the trace's frozen_params)
                         pending.param_grad(name, p.grad)
+            if self._compiled is not None:
+                self._compiled.flush(pending, self.autocast)
             self._census.send(pending.batch)
             it, extras = pending.finish(len(self.iterations), loss, stepped, lr)
             self._census.receive(extras)
@@ -375,7 +388,8 @@ class Capture:
     def trace(self) -> Trace:
         return Trace(
             config=model_config(self.model),
-            environment=environment(self.model, self.stats_path, self.path_note(), sorted(self.autocast)),
+            environment=environment(self.model, self.stats_path, self.path_note(), sorted(self.autocast))
+            | (self._compiled.environment() if self._compiled is not None else {}),
             iterations=tuple(self.iterations),
             parameters={n: tuple(p.shape) for n, p in self.model.named_parameters()},
             model=type(self.model).__name__,
