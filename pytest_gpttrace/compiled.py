@@ -9,18 +9,20 @@ the compiled graph, and nothing in them breaks it:
 
 - a stage output's statistics are computed inside the graph (the fused reductions of ``stats``),
   and the vector is appended to a list (a side effect dynamo replays after the graph runs);
-- its gradient's statistics come from a probe: the hook returns ``Probe.apply(output, sink)``, an
-  identity whose backward also returns the gradient's statistics as the gradient of ``sink``, a
-  leaf tensor of the capture with one row per stage call. They accumulate in ``sink.grad``, read
-  with the rest of the iteration in its one host copy. No tensor hook is registered (a
+- its gradient's statistics come from a probe: the hook returns ``Probe.apply(output, sink, row)``,
+  an identity whose backward also returns the gradient's statistics, in row ``row``, as the
+  gradient of ``sink``, a leaf tensor of the capture with one row per stage call. They accumulate
+  in ``sink.grad``, read with the rest of the iteration in its one host copy. No tensor hook is registered (a
   ``register_hook`` inside a compiled region is a graph break per stage);
 - the host clock is not read inside the graph (``time.perf_counter`` there is a dynamo warning):
   the capture's overhead counts ``end_iteration`` only.
 
 ``sink`` has room for ``4 x`` the stage count of calls per forward (a module called several times is
 a row per call); a forward with more calls grows it for the next iteration, and the calls past the
-room have no gradient in the one where it grew. The hooks are part of the compiled graph: the model
-compiles again when the capture starts and when it ends (dynamo's guards on the hooks).
+room have no gradient in the one where it grew. The hooks are part of the compiled graph, and
+dynamo does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``): the
+capture drops the process's compiled code when it starts and when it ends, and the model compiles
+again, with its hooks, then without.
 
 The ``ops`` granularity records functional ops through a ``TorchFunctionMode``; a compiled model is
 then run eagerly for the capture (``torch.compiler.set_stance("force_eager")``) and the trace's
@@ -91,13 +93,16 @@ def vector(x: torch.Tensor) -> torch.Tensor:
 
 
 class Probe(torch.autograd.Function):
-    """The identity on ``x``; its backward passes the gradient on and writes the gradient's
+    """The identity on ``x`` (a copy); its backward passes the gradient on and writes the gradient's
     statistics in row ``row`` of ``sink``'s gradient (with a 1 in the last column: the row fired)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, sink: torch.Tensor, row: int) -> torch.Tensor:
         ctx.row, ctx.rows = row, sink.shape[0]
-        return x.view_as(x)
+        # a copy, not a view: the model may modify a stage output in place (ReLU(inplace=True)), which
+        # autograd forbids on a view a custom Function returns; in the compiled graph the copy fuses
+        # into the kernels that produce and read the output where they are inductor's own
+        return x.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:

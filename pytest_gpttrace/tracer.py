@@ -23,6 +23,9 @@ value back to the host. A module called twice in one iteration is recorded as ``
 Statistics run on the fused compiled kernel when it is available (see ``stats``); it is compiled
 when the capture starts, not inside the first step, and the trace's environment says which path ran.
 
+A ``torch.compile``'d model is traced inside its compiled graph under the eager model's names,
+without tensor hooks or a host clock in the graph (``compiled``).
+
 A model on the meta device is refused (its tensors have shapes but no values); a frozen model is
 traced forward only by ``capture``, and refused by ``trace_training``, which has no backward to run.
 The parts ``Capture`` is built from (the iteration in progress and the typed keys into its stats
