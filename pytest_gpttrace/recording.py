@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import NamedTuple
 
@@ -28,7 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import stats as _stats
 from .kinds import StageSources
-from .stats import StatsBatch
+from .stats import StatsBatch, TensorMeta
 from .trace import STAGE_SECTIONS, Iteration, Section, TensorStats
 
 
@@ -44,6 +44,7 @@ class Extra(enum.Enum):
 
     LOSS = "loss"
     ZERO_COUNTS = "zero_counts"
+    STAGE_GRAD_ROWS = "stage_grad_rows"  # a compiled model's stage gradients (``compiled``)
 
 
 Batch = StatsBatch[StageKey, Extra]
@@ -98,6 +99,8 @@ class PendingIteration:
         self._awaiting_ops: dict[str, list[str]] = {}
         self._no_grad: dict[str, None] = {}
         self.sources = StageSources()  # the stages recorded so far, by autograd node (a rotary's input)
+        # stage gradients known only once the batch is on the host (a compiled model's: ``compiled``)
+        self.late_stage_grads: Callable[[Extras], dict[str, TensorStats]] | None = None
 
     @property
     def empty(self) -> bool:
@@ -109,6 +112,12 @@ class PendingIteration:
         second call)."""
         name = self._forward_names(stage)
         self.batch.add(StageKey(Section.FORWARD, name), output)
+        return name
+
+    def forward_vector(self, stage: str, meta: TensorMeta, vector: torch.Tensor | None) -> str:
+        """``forward`` for statistics computed already (inside a compiled graph)."""
+        name = self._forward_names(stage)
+        self.batch.add_vector(StageKey(Section.FORWARD, name), meta, vector)
         return name
 
     def op_stage(self, module: str, op: str) -> str:
@@ -196,7 +205,8 @@ class PendingIteration:
             stepped=stepped,
             lr=dict(lr),
             forward=_measured(sections[Section.FORWARD]),
-            stage_grads=_measured(sections[Section.STAGE_GRADS]),
+            stage_grads=_measured(sections[Section.STAGE_GRADS]) | (
+                self.late_stage_grads(extras) if self.late_stage_grads is not None else {}),
             param_grads=sections[Section.PARAM_GRADS],
         )
         return it, extras

@@ -397,6 +397,10 @@ class StatsBatch(Generic[K, E]):
                     self._seen[id(x)] = (weakref.ref(x), x._version, vector)
         self._items.append((key, TensorMeta.of(x), vector))
 
+    def add_vector(self, key: K, meta: TensorMeta, vector: torch.Tensor | None) -> None:
+        """A tensor summarised already (``stats_vector``'s result, computed elsewhere: in a compiled graph)."""
+        self._items.append((key, meta, vector))
+
     def add_missing(self, key: K) -> None:
         """A slot for a tensor that does not exist (a parameter without a gradient)."""
         self._items.append((key, None, None))

@@ -31,6 +31,9 @@ no iteration and stages missing from some iterations are the trace's ``coverage`
 Statistics run on the fused compiled kernel when it is available (see ``stats``); it is compiled
 when the capture starts, not inside the first step, and the trace's environment says which path ran.
 
+A ``torch.compile``'d model is traced inside its compiled graph under the eager model's names,
+without tensor hooks or a host clock in the graph (``compiled``).
+
 A model on the meta device is refused (its tensors have shapes but no values); a frozen model is
 traced forward only by ``capture``, and refused by ``trace_training``, which has no backward to run.
 The parts ``Capture`` is built from (the iteration in progress and the typed keys into its stats
@@ -43,6 +46,7 @@ import contextlib
 import fnmatch
 import itertools
 import platform
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -51,6 +55,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from .compiled import CompiledCapture
 from .coverage import Coverage, gaps
 from .dither import undithered
 from .errors import CaptureError
@@ -203,6 +208,10 @@ class Capture:
                  grads: bool = True, param_grads: bool = True, stats_path: str | None = None,
                  granularity: str | None = None, ops: Sequence[str] | None = None):
         _refuse_meta(model)
+        # a torch.compile'd model: traced under its eager module's names, the hooks inside its graph
+        self._compiled = CompiledCapture.of(model, granularity, has_taps)
+        if self._compiled is not None:
+            model, granularity = self._compiled.model, self._compiled.granularity
         self.model = model
         self.grads = grads
         self.param_grads = param_grads
@@ -363,9 +372,14 @@ class Capture:
         self._census.take(self.model)
         self._active = True
         try:
+            compiled = self._compiled is not None and self._compiled.enter(
+                self.stages, self.granularity, self.grads, self._device, lambda: self._active)
             for name, module in self.stages:
-                hook = self._forward_hook(name, module_kind(module, name))
-                self._module_hooks.append(module.register_forward_hook(hook))
+                kind = module_kind(module, name)
+                if compiled:  # the compiled capture's hooks record the statistics; the kind is known here
+                    self.stage_kinds.setdefault(name, kind.value)
+                    continue
+                self._module_hooks.append(module.register_forward_hook(self._forward_hook(name, kind)))
             if self.ops:
                 self._recorder = OpRecorder(self.ops, self._record_op)
                 self._context_hooks(self._recorder)
@@ -382,6 +396,8 @@ class Capture:
         for handle in self._module_hooks:
             handle.remove()
         self._module_hooks = []
+        if self._compiled is not None:
+            self._compiled.exit()
         if self._recorder is not None:
             self._recorder.close()
             self._recorder = None
@@ -391,6 +407,8 @@ class Capture:
         """Close the iteration in progress (its tensor hooks removed) and start an empty one."""
         self._pending.close()
         self._pending = PendingIteration(self._path.path)
+        if self._compiled is not None:
+            self._compiled.discard()
 
     def discard_iteration(self) -> None:
         """Drop what the current iteration has recorded so far (a step that raised and was skipped)."""
@@ -423,6 +441,8 @@ class Capture:
                 for name, p in self.model.named_parameters():
                     if p.requires_grad:  # a frozen one has no gradient by design (the trace's frozen_params)
                         pending.param_grad(name, p.grad)
+            if self._compiled is not None:
+                self._compiled.flush(pending, self.autocast)
             self._census.send(pending.batch)
             it, extras = pending.finish(len(self.iterations), loss, stepped, lr)
             self._census.receive(extras)
@@ -453,14 +473,18 @@ class Capture:
     def coverage(self) -> Coverage:
         """Stages missing from some iterations, selected stage modules that never ran, gradients
         not recorded (empty for a model whose every stage fires in every iteration)."""
-        never = tuple(n for n, _ in self.stages if n not in self._fired) if self.iterations else ()
+        # fired: seen by the eager hooks, or recorded (a compiled model's hooks run inside its graph)
+        recorded = {re.sub(r"(\[[^\]]*\])*(#[0-9]+)?$", "", n) for it in self.iterations for n in it.forward}
+        never = tuple(n for n, _ in self.stages if n not in self._fired and n not in recorded) \
+            if self.iterations else ()
         return Coverage(gaps([it.forward for it in self.iterations]), never, tuple(self._no_grad))
 
     def trace(self) -> Trace:
         return Trace(
             config=model_config(self.model),
             environment=environment(self.model, self.stats_path, self.path_note(), sorted(self.autocast),
-                                    self.granularity_note()),
+                                    self.granularity_note())
+            | (self._compiled.environment() if self._compiled is not None else {}),
             iterations=tuple(self.iterations),
             parameters={n: tuple(p.shape) for n, p in self.model.named_parameters()},
             model=type(self.model).__name__,
