@@ -20,7 +20,7 @@ from .calibrate import summary as calibration_summary
 from .compare import LOSS, Comparison, CoverageFinding, Mismatch
 from .errors import TraceFormatError
 from .outcome import WRITTEN, Band, GoldenResult, GoldenStatus
-from .trace import STAGE_SECTIONS, EnvKey, Section
+from .trace import STAGE_SECTIONS, EnvKey, Section, Trace
 
 MAX_ROWS = 20
 _SECTION_ABBREVIATIONS = {Section.FORWARD: "fwd", Section.STAGE_GRADS: "grad", Section.PARAM_GRADS: "param",
@@ -116,6 +116,20 @@ def coverage_lines(comparison: Comparison, max_rows: int = MAX_ROWS) -> list[str
     return lines
 
 
+def granularity_lines(comparison: Comparison) -> list[str]:
+    """A line when the two traces' stages were chosen otherwise (taps / modules / ops): their stage
+    lists cannot line up, whatever the numbers."""
+    def grain(trace: Trace) -> str | None:
+        value = trace.environment.get(EnvKey.GRANULARITY)
+        return str(value).split(" ", 1)[0] if value else None
+
+    golden, obtained = grain(comparison.golden), grain(comparison.obtained)
+    if golden is None or obtained is None or golden == obtained:
+        return []
+    return [f"the golden's stages are {golden}, this run's {obtained}: their stage lists differ by design; "
+            f"trace both at one granularity (granularity={golden!r} in the marker, or record the golden again)"]
+
+
 def _names(names: Iterable[str], limit: int = 6) -> str:
     listed = list(names)
     shown = ", ".join(listed[:limit])
@@ -139,6 +153,7 @@ def render_comparison(comparison: Comparison, *, golden_name: str, obtained_name
         f"(profile {comparison.profile.name}); first divergence: {first.where}, {first.stat}",
         f"golden: {golden_name}",
     ]
+    lines += granularity_lines(comparison)
     lines += coverage_lines(comparison, max_rows)
     rows = [mismatch_row(m, calibrated) for m in comparison.mismatches[:max_rows]]
     lines += table(headers(calibrated), rows)

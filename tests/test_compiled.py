@@ -124,6 +124,8 @@ def test_a_compiled_model_is_traced_under_the_eager_names(runs):
         assert list(c.param_grads) == list(e.param_grads)
     assert "layers.0.ln#2" in traced.iterations[0].forward  # a module called twice is a stage per call
     assert traced.environment[ENV_KEY] == TRACED_COMPILED and ENV_KEY not in eager.environment
+    assert traced.stage_kinds == eager.stage_kinds and traced.stage_kinds["layers.0.ln"] == "norm_affine"
+    assert not traced.coverage  # every stage fired, though the hooks ran inside the compiled graph
 
 
 def test_the_tool_adds_no_graph_break_and_no_warning(runs):

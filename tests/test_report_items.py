@@ -97,3 +97,17 @@ def test_a_failing_traced_test_shows_no_compiler_log_records(project, monkeypatc
     result = run_subprocess(project, "--gpt-trace")
     result.assert_outcomes(failed=1)
     assert "torch.__trace" not in result.stdout.str()  # before: dozens of empty DEBUG lines under "Captured log setup"
+
+
+def test_traces_of_two_granularities_are_said_to_differ_by_design():
+    from pytest_gpttrace.trace import Trace
+    from tests.builders import make_iteration, make_stats
+
+    s = make_stats(mean=0.0, std=1.0, min=-1.0, max=1.0, rms=1.0, zero_frac=0.0)
+    golden = Trace({}, {"granularity": "ops"}, (make_iteration(forward={"a": s, "a/rms_norm#1": s}),))
+    obtained = Trace({}, {"granularity": "modules"}, (make_iteration(forward={"a": s}),))
+    lines = render_comparison(compare(golden, obtained), golden_name="g.json")
+    assert "the golden's stages are ops, this run's modules: their stage lists differ by design" in "\n".join(lines)
+    same = render_comparison(compare(golden, replace(obtained, environment={"granularity": "ops"})),
+                             golden_name="g.json")
+    assert not any("differ by design" in line for line in same)
