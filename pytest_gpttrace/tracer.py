@@ -479,6 +479,18 @@ class Capture:
             if self.iterations else ()
         return Coverage(gaps([it.forward for it in self.iterations]), never, tuple(self._no_grad))
 
+    def _kinds_by_stage(self) -> dict[str, str]:
+        """Every recorded stage's kind; a later call (``name#2``, which a compiled model's hooks name
+        only at the host copy) has its first call's."""
+        kinds = dict(self.stage_kinds)
+        for it in self.iterations:
+            for name in it.forward:
+                if name not in kinds:
+                    base = re.sub(r"#[0-9]+$", "", name)
+                    if base in kinds:
+                        kinds[name] = kinds[base]
+        return kinds
+
     def trace(self) -> Trace:
         return Trace(
             config=model_config(self.model),
@@ -491,7 +503,7 @@ class Capture:
             zero_params=self.zero_params,
             frozen_params=tuple(n for n, p in self.model.named_parameters() if not p.requires_grad),
             coverage=self.coverage(),
-            stage_kinds=dict(self.stage_kinds),
+            stage_kinds=self._kinds_by_stage(),
             stage_inputs=dict(self.stage_inputs),
         )
 
