@@ -78,7 +78,6 @@ def parse_kind(value: object, where: str) -> StageKind:
 
 
 # --------------------------------------------------------------------------- modules
-_NORM_MODULES = ("LayerNorm", "RMSNorm", "GroupNorm", "LocalResponseNorm")
 _ACTIVATION_MODULES = frozenset({
     "ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "GELU", "SiLU", "Mish", "ELU", "CELU", "SELU", "GLU",
     "Tanh", "Sigmoid", "Hardtanh", "Hardswish", "Hardsigmoid", "Softplus", "Softsign", "Tanhshrink",
@@ -100,9 +99,10 @@ def module_kind(module: nn.Module, name: str = "") -> StageKind:
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
         affine = getattr(module, "weight", None) is not None or getattr(module, "bias", None) is not None
         return StageKind.NORM_AFFINE if affine else StageKind.NORM
-    if name.endswith(("RMSNorm", "LayerNorm")):
-        has_scale = any(isinstance(p, nn.Parameter) for p in (getattr(module, "weight", None),
-                                                               getattr(module, "bias", None)))
+    if name.endswith(("RMSNorm", "LayerNorm", "Norm")) and not name.endswith("BatchNorm"):
+        # a norm of one's own: any parameter of its own is a learnable scale or shift, whatever its
+        # name (weight, scale, gamma, g); gpttrace_kind says otherwise where that is wrong
+        has_scale = next(module.parameters(recurse=False), None) is not None
         return StageKind.NORM_AFFINE if has_scale else StageKind.NORM
     if isinstance(module, (nn.Linear, nn.Bilinear)) or name == "Conv1D":
         return StageKind.LINEAR

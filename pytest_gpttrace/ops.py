@@ -29,19 +29,24 @@ The rules that are more than "this function was called":
 
 - ``add``: the residual add, ``x + f(x)`` (``torch.add``, ``Tensor.add``, ``+``, ``+=``) of two
   floating tensors of the same shape as the running module's first floating tensor argument (a
-  block's residual stream); the adds inside a rotation or a mask are not its shape and do not count.
+  block's residual stream), in a module with submodules (a leaf module's adds, GELU's
+  ``x + 0.044715 * x**3``, are not a stream's); the adds inside a rotation or a mask are not its
+  shape and do not count.
   The root module takes token ids: its residual shape is that of the first floating tensor a module
   it calls returns (the embedding's), so ``x = x + block(x)`` in the root's forward is ``add#k``.
 - ``rotary``: the rotated tensor, in either of the two ways RoPE is written. The join form:
   ``torch.cat`` / ``torch.stack`` along the last dimension of two or more floating tensors of one
-  shape, ``cat([x1*cos + x2*sin, -x1*sin + x2*cos], -1)`` (nanochat). The ``rotate_half`` form
+  shape, each computed from slices of a tensor (a product or sum with one),
+  ``cat([x1*cos + x2*sin, -x1*sin + x2*cos], -1)`` (nanochat); a join of other tensors (the heads
+  of an attention, ``cat([h(x) for h in heads], -1)``) is not a rotation. The ``rotate_half`` form
   (Hugging Face, GPT-NeoX): ``x*cos + rotate_half(x)*sin`` (or ``-``), where ``rotate_half`` joins halves of
   ``x`` (slices, ``chunk``, and their negations) along the last dimension; the join of plain halves
   is the rotated copy and not a stage, the sum after it is. A tensor joined to itself
   (``cat((freqs, freqs), -1)``, a cos/sin table) is not a rotation.
 - ``mask``: ``masked_fill`` (``x.masked_fill(mask, -inf)``, nanoGPT's causal mask) and
-  ``torch.where`` with a boolean condition of floating tensors; its ``-inf`` entries are the mask
-  working, not an overflow.
+  ``torch.where`` with a boolean condition, filling with a number at or below ``MASK_FILL``
+  (``-inf``, ``finfo.min``, ``-1e9``); its ``-inf`` entries are the mask working, not an overflow.
+  ``torch.where(h > 0, h, 0.01 * h)`` is not a mask.
 - ``softcap``: a tensor returned by ``tanh`` in this forward multiplied by a number
   (``cap * torch.tanh(logits / cap)``). A bare ``tanh`` is not on by default (``+tanh`` adds it).
 
@@ -170,6 +175,8 @@ MULS: tuple[Callable[..., Any], ...] = (torch.mul, T.mul, T.__mul__, T.__rmul__)
 SLICES: tuple[Callable[..., Any], ...] = (T.__getitem__, T.narrow, torch.narrow, T.chunk, torch.chunk,
                                           T.split, torch.split, T.unbind, torch.unbind)
 NEGS: tuple[Callable[..., Any], ...] = (torch.neg, T.neg, T.__neg__, torch.negative, T.negative)
+SUBS: tuple[Callable[..., Any], ...] = (torch.sub, T.sub, T.__sub__, T.__rsub__)
+HALVES = ("half", "mixed")  # a slice of a tensor; a product or sum of one
 
 
 def _rotation(call: OpCall) -> bool:
@@ -177,8 +184,10 @@ def _rotation(call: OpCall) -> bool:
     that is ``rotate_half``'s copy), or ``x*cos + rotate_half(x)*sin``."""
     if call.func in JOINS:
         parts = _join_parts(call)
-        # not a copy of plain halves (rotate_half), nor a tensor joined to itself (a cos/sin table)
-        return (_last_dim_join(call) and parts is not None and not all(call.tag(p) == "half" for p in parts)
+        # parts computed from halves of a tensor (x1*cos + x2*sin): not a copy of plain halves
+        # (rotate_half's), not a tensor joined to itself (a cos/sin table), not unrelated outputs
+        # joined (the heads of an attention)
+        return (_last_dim_join(call) and parts is not None and all(call.tag(p) == "mixed" for p in parts)
                 and not all(p is parts[0] for p in parts))
     if len(call.args) < 2 or "alpha" in call.kwargs:
         return False
@@ -187,11 +196,23 @@ def _rotation(call: OpCall) -> bool:
             and "rotated" in (call.tag(a), call.tag(b)))
 
 
+MASK_FILL = -1e4  # a fill at or below this (-inf, finfo.min, -1e9, fp16's -1e4) masks a score out
+
+
 def _masking(call: OpCall) -> bool:
-    if call.func in (torch.where,):
-        return (len(call.args) == 3 and isinstance(call.args[0], torch.Tensor) and call.args[0].dtype == torch.bool
-                and _floating(call.result))
-    return _floating(call.result)
+    """A score masked out: ``masked_fill(mask, v)`` or ``where(bool, x, v)`` / ``where(bool, v, x)``
+    with a number ``v`` at or below MASK_FILL (read from the call's arguments, never from a tensor)."""
+    if not _floating(call.result):
+        return False
+    args = call.args
+    fills: tuple[object, ...]
+    if call.func is torch.where:
+        if len(args) != 3 or not isinstance(args[0], torch.Tensor) or args[0].dtype != torch.bool:
+            return False
+        fills = (args[1], args[2])
+    else:
+        fills = (args[2] if len(args) > 2 else call.kwargs.get("value"),)
+    return any(isinstance(v, (int, float)) and float(v) <= MASK_FILL for v in fills)
 
 
 def _provenance(call: OpCall) -> str | None:
@@ -207,12 +228,15 @@ def _provenance(call: OpCall) -> str | None:
         parts = _join_parts(call)
         return "rotate_half" if parts is not None and all(call.tag(p) == "half" for p in parts) \
             and _last_dim_join(call) else None
-    if func in MULS and len(args) >= 2:
-        return "rotated" if "rotate_half" in (call.tag(args[0]), call.tag(args[1])) else None
+    if func in (*MULS, *ADDS, *SUBS) and len(args) >= 2:
+        tags = (call.tag(args[0]), call.tag(args[1]))
+        if func in MULS and "rotate_half" in tags:
+            return "rotated"
+        return "mixed" if any(t in HALVES for t in tags) else None
     return None
 
 
-TAGGED: tuple[Callable[..., Any], ...] = (*TANH, *SLICES, *NEGS, *JOINS, *MULS)
+TAGGED: tuple[Callable[..., Any], ...] = (*TANH, *SLICES, *NEGS, *JOINS, *MULS, *ADDS, *SUBS)
 
 OPS: dict[str, OpRule] = {rule.name: rule for rule in (
     OpRule("rms_norm", (F.rms_norm,), what="F.rms_norm", kind=_norm_kind(2)),
@@ -313,7 +337,7 @@ class OpRecorder(TorchFunctionMode):
         if "softcap" in self.ops:
             tagged.update(TANH)
         if "rotary" in self.ops:
-            tagged.update((*SLICES, *NEGS, *JOINS, *MULS))
+            tagged.update((*SLICES, *NEGS, *JOINS, *MULS, *ADDS, *SUBS))
         self._tagged = frozenset(tagged)
         self._tags: dict[int, tuple[str, weakref.ref[torch.Tensor]]] = {}
         self._record = record
@@ -354,12 +378,15 @@ class OpRecorder(TorchFunctionMode):
 
     # -- the module stack, from forward pre-hooks and hooks ---------------------------------
     def enter_module(self, name: str, records: bool, args: Sequence[Any], kwargs: Mapping[str, Any],
-                     root: bool) -> None:
+                     root: bool, leaf: bool = False) -> None:
+        """A module's forward starts; a leaf module (no children: an activation, a norm of one's
+        own) holds no residual stream, so its adds (GELU's ``x + 0.044715 * x**3``) are not residual."""
         if root:
             if self.depth == 0:
                 self._push()
             self.depth += 1
-        self.frames.append(Frame(name, records, _first_floating_shape(args, kwargs)))
+        stream = None if leaf and not root else _first_floating_shape(args, kwargs)
+        self.frames.append(Frame(name, records, stream))
 
     def exit_module(self, root: bool, output: object = None) -> None:
         if self.frames:

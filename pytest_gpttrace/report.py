@@ -126,8 +126,12 @@ def granularity_lines(comparison: Comparison) -> list[str]:
     golden, obtained = grain(comparison.golden), grain(comparison.obtained)
     if golden is None or obtained is None or golden == obtained:
         return []
-    return [f"the golden's stages are {golden}, this run's {obtained}: their stage lists differ by design; "
-            f"trace both at one granularity (granularity={golden!r} in the marker, or record the golden again)"]
+    if str(comparison.obtained.environment.get("compiled", "")).startswith("traced compiled"):
+        how = (f"a compiled model is traced at {obtained}: record the eager golden at {obtained} "
+               f"(granularity={obtained!r}; at 'ops' the compiled model would run eagerly)")
+    else:
+        how = f"trace both at one granularity (granularity={golden!r} in the marker, or record the golden again)"
+    return [f"the golden's stages are {golden}, this run's {obtained}: their stage lists differ by design; {how}"]
 
 
 def _names(names: Iterable[str], limit: int = 6) -> str:

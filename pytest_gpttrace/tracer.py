@@ -117,10 +117,10 @@ def select_stages(model: nn.Module, patterns: Sequence[str] | None = None,
         default = [(n, m) for n, m in modules if is_tap(m)]
     else:
         default = [(n, m) for n, m in modules if _is_leaf(m)]
-    if not default:
+    if not default and grain != "ops":  # under ops, a model of plain functions has its op stages
         raise CaptureError(
-            f"{type(model).__name__} has no stages to trace: no taps and no leaf modules "
-            "(a model built from plain functions needs Tap modules, or trace its submodules)"
+            f"{type(model).__name__} has no stages to trace at granularity {grain!r}: no taps and no leaf "
+            "modules (granularity='ops' traces the functions its forward calls)"
         )
     pats = StagePatterns(patterns)
     keep, add, drop, match = pats.keep, pats.add, pats.drop, pats.match
@@ -212,6 +212,7 @@ class Capture:
         self._compiled = CompiledCapture.of(model, granularity, has_taps)
         if self._compiled is not None:
             model, granularity = self._compiled.model, self._compiled.granularity
+        _refuse_compiled_parts(model)
         self.model = model
         self.grads = grads
         self.param_grads = param_grads
@@ -334,17 +335,17 @@ class Capture:
         """Forward pre-hooks and hooks on every module: the stack of running modules, and on the
         root module the mode pushed for its forward and popped after it (also when it raises)."""
         for name, module in self.model.named_modules():
-            root, records = module is self.model, records_inside(module, is_tap)
+            root, records, leaf = module is self.model, records_inside(module, is_tap), _is_leaf(module)
 
             def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, _name: str = name,
-                    _root: bool = root, _records: bool = records) -> None:
+                    _root: bool = root, _records: bool = records, _leaf: bool = leaf) -> None:
                 if not self._active:
                     return
                 if _recomputing():  # a checkpoint's recomputation: no frame, no mode, no op recorded
                     if self.grads:
                         self._pending.recomputed_module(_name)
                     return
-                recorder.enter_module(_name, _records, args, kwargs, _root)
+                recorder.enter_module(_name, _records, args, kwargs, _root, _leaf)
 
             def post(mod: nn.Module, args: tuple[Any, ...], output: Any, *, _root: bool = root) -> None:
                 if self._active and not _recomputing():
@@ -486,10 +487,11 @@ class Capture:
         for it in self.iterations:
             for name in it.forward:
                 if name not in kinds:
-                    base = re.sub(r"#[0-9]+$", "", name)
+                    base = re.sub(r"(\[[^\]]*\])*(#[0-9]+)?$", "", name)
                     if base in kinds:
                         kinds[name] = kinds[base]
-        return kinds
+        recorded = {n for it in self.iterations for n in it.forward}
+        return {n: k for n, k in kinds.items() if n in recorded}
 
     def trace(self) -> Trace:
         return Trace(
@@ -510,6 +512,20 @@ class Capture:
 
 def _device_of(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _refuse_compiled_parts(model: nn.Module) -> None:
+    """A submodule compiled on its own (``blocks[i] = torch.compile(block)``) runs the tool's eager
+    hooks inside its compiled region and names its stages ``..._orig_mod...``: refused in one line."""
+    from .compiled import is_compiled
+
+    for name, module in model.named_modules():
+        if name and is_compiled(module):
+            raise CaptureError(
+                f"{type(model).__name__}.{name} is compiled on its own (torch.compile of a submodule): trace the "
+                "model compiled as a whole (torch.compile(model)) or uncompiled; the tool traces a compiled "
+                "region only from its root"
+            )
 
 
 def _refuse_meta(model: nn.Module) -> None:

@@ -19,6 +19,7 @@ from torch._dynamo.utils import counters
 from pytest_gpttrace import trace_training
 from pytest_gpttrace.compare import compare
 from pytest_gpttrace.compiled import ENV_KEY, TRACED_COMPILED, TRACED_EAGERLY
+from pytest_gpttrace.errors import CaptureError
 from pytest_gpttrace.tracer import capture
 from tests.models import UserBlock, UserGPT, user_batches
 from tests.platforms import make_project, output, run_pytest
@@ -286,3 +287,10 @@ def test_a_stage_output_modified_in_place_keeps_its_gradient():
     assert sorted(traced.stage_grads) == sorted(eager.stage_grads) == ["a", "b", "relu"]
     for name, s in eager.stage_grads.items():
         assert traced.stage_grads[name].mean == pytest.approx(s.mean, rel=1e-5, abs=1e-7)
+
+
+def test_a_submodule_compiled_on_its_own_is_refused_in_one_line():
+    m = model()
+    m.layers[0] = cast(torch.nn.Module, torch.compile(m.layers[0]))
+    with pytest.raises(CaptureError, match=r"^UserGPT\.layers\.0 is compiled on its own .*torch\.compile\(model\)"):
+        capture(m)

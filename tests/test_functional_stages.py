@@ -451,3 +451,81 @@ def test_a_subclass_of_a_torch_leaf_module_is_one_stage():
         model(torch.randn(2, 8))
         it = cap.end_iteration()
     assert list(it.forward) == ["0", "1"]
+
+
+# ------------------------------------------------------------------------------ rules that must not misfire
+class Pure(torch.nn.Module):
+    """No submodules at all: parameters and functions."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Parameter(torch.randn(64, 16))
+        self.w = torch.nn.Parameter(torch.randn(16, 64) * 0.1)
+
+    def forward(self, idx, targets):
+        x = F.rms_norm(self.emb[idx], (16,))
+        logits = F.relu(x) @ self.w
+        return F.cross_entropy(logits.reshape(-1, 64), targets.reshape(-1))
+
+
+def test_a_model_of_plain_functions_is_traced_by_its_ops_and_refused_per_module():
+    model = Pure()
+    trace = trace_training(model, functional_batches(), [torch.optim.SGD(model.parameters(), lr=0.1)], iterations=1)
+    assert list(trace.iterations[0].forward) == ["rms_norm#1", "relu#1", "matmul#1", "cross_entropy#1"]
+    with pytest.raises(CaptureError, match=r"^Pure has no stages to trace at granularity 'modules': .*'ops'"):
+        capture(model, granularity="modules")
+
+
+class Heads(torch.nn.Module):
+    """Multi-head attention written as a list of heads joined along the last dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(8, 4) for _ in range(2))
+        self.act = NewGELU()
+
+    def forward(self, x):
+        y = torch.cat([h(x) for h in self.heads], dim=-1)
+        y = torch.where(y > 0, y, 0.01 * y)  # a leaky activation, not a mask
+        return x + self.act(y)
+
+
+class NewGELU(torch.nn.Module):
+    """Hugging Face's GPT-2 activation: a leaf module with an add of its input's shape."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def test_joined_heads_a_leaky_where_and_an_activations_add_are_not_rotary_mask_or_residual():
+    model = torch.nn.Sequential(Heads())
+    with capture(model, granularity="ops") as cap:
+        model(torch.randn(2, 3, 8))
+        it = cap.end_iteration()
+    assert list(it.forward) == ["0.heads.0", "0.heads.1", "0.act", "0/add#1"]
+    assert cap.trace().stage_kinds["0/add#1"] == "residual"
+
+
+class Masker(torch.nn.Module):
+    def __init__(self, fill):
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, scores):
+        return self.fill(scores)
+
+
+CAUSAL = torch.ones(4, 4, dtype=torch.bool).triu(1)
+
+
+@pytest.mark.parametrize("fill", [
+    lambda s: s.masked_fill(CAUSAL, float("-inf")),
+    lambda s: s.masked_fill(CAUSAL, -1e9),
+    lambda s: torch.where(CAUSAL, torch.finfo(s.dtype).min, s),
+], ids=["masked_fill -inf", "masked_fill -1e9", "where finfo.min"])
+def test_a_mask_is_a_large_negative_fill(fill):
+    model = torch.nn.Sequential(Masker(fill))
+    with capture(model, granularity="ops") as cap:
+        model(torch.randn(1, 4, 4))
+        it = cap.end_iteration()
+    assert list(it.forward) == ["0/mask#1", "0"]  # the op, then the leaf module of its own

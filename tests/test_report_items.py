@@ -111,3 +111,15 @@ def test_traces_of_two_granularities_are_said_to_differ_by_design():
     same = render_comparison(compare(golden, replace(obtained, environment={"granularity": "ops"})),
                              golden_name="g.json")
     assert not any("differ by design" in line for line in same)
+
+
+def test_a_compiled_run_against_a_golden_of_another_granularity_is_told_what_to_record():
+    from pytest_gpttrace.trace import Trace
+    from tests.builders import make_iteration, make_stats
+
+    s = make_stats(mean=0.0, std=1.0, min=-1.0, max=1.0, rms=1.0, zero_frac=0.0)
+    golden = Trace({}, {"granularity": "ops"}, (make_iteration(forward={"a": s, "a/rms_norm#1": s}),))
+    obtained = Trace({}, {"granularity": "modules", "compiled": "traced compiled (statistics inside the compiled graph)"},
+                     (make_iteration(forward={"a": s}),))
+    text = "\n".join(render_comparison(compare(golden, obtained), golden_name="g.json"))
+    assert "a compiled model is traced at modules: record the eager golden at modules" in text

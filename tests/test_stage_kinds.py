@@ -243,7 +243,17 @@ class RMSNorm(nn.Module):  # a parameter-free norm of one's own, named as such
         return F.rms_norm(x, (x.size(-1),))
 
 
+class ScaledNorm(nn.Module):  # a learnable scale under another name than `weight`
+    def __init__(self, d):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),)) * self.scale
+
+
 @pytest.mark.parametrize(("module", "kind"), [
+    (ScaledNorm(4), "norm_affine"),
     (nn.LayerNorm(4), "norm_affine"), (nn.LayerNorm(4, elementwise_affine=False), "norm"),
     (nn.RMSNorm(4), "norm_affine"), (nn.RMSNorm(4, elementwise_affine=False), "norm"),
     (LlamaishRMSNorm(4), "norm_affine"), (RMSNorm(), "norm"),
