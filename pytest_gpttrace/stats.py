@@ -34,6 +34,7 @@ import math
 import os
 import signal
 import threading
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -156,7 +157,11 @@ class _Compiled:
     def function(self) -> Callable[[torch.Tensor], torch.Tensor]:
         with self._lock:
             if self._fn is None:
-                self._fn = torch.compile(_fused, dynamic=True, fullgraph=True)
+                # a copy of _fused with its own code object: dynamo keeps compiled entries (and counts
+                # them against its recompile limit) per code object, so other compiles of _fused (a
+                # compiled model's graph inlines it) never push this kernel over the limit
+                own = types.FunctionType(_fused.__code__.replace(), _fused.__globals__, _fused.__name__)
+                self._fn = torch.compile(own, dynamic=True, fullgraph=True)
             return self._fn
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -351,3 +351,19 @@ def test_a_ctrl_c_while_the_kernel_compiles_is_not_lost(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         stats.prepare("auto")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_the_kernel_keeps_its_own_compiled_entries_when_other_code_compiles_the_same_function(caplog):
+    # dynamo counts compiled entries per code object against its recompile limit (8): other compiles
+    # of the same function (a compiled model's graph, other kernels) must not push ours past it
+    import torch._dynamo
+
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) * 3:
+        others = torch.compile(stats._fused, dynamic=False)
+        others(torch.randn(7 + len(caplog.records), dtype=dtype))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="torch._dynamo"):
+        fresh = stats._Compiled()
+        assert fresh(torch.randn(20000)) is not None and not fresh.failures
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+    torch._dynamo.reset_code_caches()
