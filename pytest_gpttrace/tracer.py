@@ -446,6 +446,13 @@ class Capture:
                 self._compiled.flush(pending, self.autocast)
             self._census.send(pending.batch)
             it, extras = pending.finish(len(self.iterations), loss, stepped, lr)
+            if not it.forward and not self.stages and not self.iterations:
+                pending.close()
+                raise CaptureError(
+                    f"{type(self.model).__name__} has no stages to trace: no taps, no leaf modules, and its forward "
+                    f"called none of the ops in the op list ({', '.join(self.ops) or 'empty'}): add taps, or "
+                    "ops of your own (ops.register_op)"
+                )
             self._census.receive(extras)
             self._no_grad.update(dict.fromkeys(pending.no_grad))
             self.iterations.append(it)
