@@ -82,6 +82,15 @@ def site(stage: str) -> tuple[str, int]:
     return (m.group(1), int(m.group(2))) if m else (stage, 1)
 
 
+_OUTPUT = re.compile(r"(\[[^\]]*\])*$")
+
+
+def stage_module(stage: str) -> str:
+    """The module (or op site) a stage name is of: its site without an output's index,
+    ``attn[0]#2`` -> ``attn``, ``m/add#1`` -> ``m/add``."""
+    return _OUTPUT.sub("", site(stage)[0])
+
+
 def calls(stages: Iterable[str]) -> dict[str, int]:
     """Call site -> how many calls of it the stage names hold, in first-seen order."""
     out: dict[str, int] = {}

@@ -46,7 +46,6 @@ import contextlib
 import fnmatch
 import itertools
 import platform
-import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -56,7 +55,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from .compiled import CompiledCapture
-from .coverage import Coverage, gaps
+from .coverage import Coverage, gaps, stage_module
 from .dither import undithered
 from .errors import CaptureError
 from .kinds import StageKind, module_kind
@@ -482,7 +481,7 @@ class Capture:
         """Stages missing from some iterations, selected stage modules that never ran, gradients
         not recorded (empty for a model whose every stage fires in every iteration)."""
         # fired: seen by the eager hooks, or recorded (a compiled model's hooks run inside its graph)
-        recorded = {re.sub(r"(\[[^\]]*\])*(#[0-9]+)?$", "", n) for it in self.iterations for n in it.forward}
+        recorded = {stage_module(n) for it in self.iterations for n in it.forward}
         never = tuple(n for n, _ in self.stages if n not in self._fired and n not in recorded) \
             if self.iterations else ()
         return Coverage(gaps([it.forward for it in self.iterations]), never, tuple(self._no_grad))
@@ -494,7 +493,7 @@ class Capture:
         for it in self.iterations:
             for name in it.forward:
                 if name not in kinds:
-                    base = re.sub(r"(\[[^\]]*\])*(#[0-9]+)?$", "", name)
+                    base = stage_module(name)
                     if base in kinds:
                         kinds[name] = kinds[base]
         recorded = {n for it in self.iterations for n in it.forward}

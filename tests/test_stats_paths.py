@@ -176,12 +176,8 @@ def host_reads(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("path", ["compiled", "eager"])
-def test_a_step_with_functional_stages_reads_back_to_the_host_once(path, host_reads, monkeypatch, fused_everywhere):
-    if path == "eager":
-        monkeypatch.setenv(stats.ENV_VAR, "eager")
-    model = FunctionalGPT()
-    idx, targets = next(functional_batches())
+def two_steps_each_read_back_once(model, idx, targets, host_reads):
+    """Two traced steps: nothing read back inside a step, one copy (cpu, tolist) at its end."""
     with capture(model) as cap:
         for i in range(2):
             host_reads.clear()
@@ -191,6 +187,16 @@ def test_a_step_with_functional_stages_reads_back_to_the_host_once(path, host_re
             cap.end_iteration(loss=loss)
             assert sorted(host_reads) == ["cpu", "tolist"], f"iteration {i}: {host_reads}"
             model.zero_grad(set_to_none=True)
+    return cap
+
+
+@pytest.mark.parametrize("path", ["compiled", "eager"])
+def test_a_step_with_functional_stages_reads_back_to_the_host_once(path, host_reads, monkeypatch, fused_everywhere):
+    if path == "eager":
+        monkeypatch.setenv(stats.ENV_VAR, "eager")
+    model = FunctionalGPT()
+    idx, targets = next(functional_batches())
+    cap = two_steps_each_read_back_once(model, idx, targets, host_reads)
     it = cap.iterations[1]
     assert cap.granularity == "ops" and "blocks.0.attn/scaled_dot_product_attention#1" in it.stage_grads
     assert sum("/" in name for name in it.forward) > 20
@@ -203,15 +209,7 @@ def test_a_traced_step_reads_back_to_the_host_once(path, host_reads, monkeypatch
         monkeypatch.setenv(stats.ENV_VAR, "eager")
     model, batches, _ = tiny_reference()
     idx, targets = next(batches)
-    with capture(model) as cap:
-        for i in range(2):
-            host_reads.clear()
-            loss = model(idx, targets)
-            loss.backward()
-            assert host_reads == [], f"read back inside the step: {host_reads}"
-            cap.end_iteration(loss=loss)
-            assert sorted(host_reads) == ["cpu", "tolist"], f"iteration {i}: {host_reads}"
-            model.zero_grad(set_to_none=True)
+    cap = two_steps_each_read_back_once(model, idx, targets, host_reads)
     it = cap.iterations[1]
     assert len(it.forward) > 40 and len(it.stage_grads) > 40 and len(it.param_grads) > 10
     assert cap.zero_params and it.loss == pytest.approx(math.log(128), rel=1e-6)

@@ -418,12 +418,16 @@ def test_user_models_returned_directly_trace_match_their_goldens_and_check_clean
         assert ": 0 errors, 0 warnings" in capsys.readouterr().out, report
 
 
-def test_the_gpt_loss_fn_fixture_and_the_marker_set_the_loss(pytester, monkeypatch):
+def user_project(pytester, monkeypatch, fixtures):
+    """A project without calibration whose conftest imports pytest and this module as ``models``,
+    then defines ``fixtures``."""
     monkeypatch.delenv("CI", raising=False)
     pytester.makeini(NO_CALIBRATION)
-    pytester.makeconftest("""
-import pytest
-from tests import test_user_models as models
+    pytester.makeconftest("import pytest\nfrom tests import test_user_models as models\n" + fixtures)
+
+
+def test_the_gpt_loss_fn_fixture_and_the_marker_set_the_loss(pytester, monkeypatch):
+    user_project(pytester, monkeypatch, """
 
 @pytest.fixture
 def gpt_model():
@@ -448,11 +452,7 @@ def test_marker(gpt_trace):
 
 
 def test_a_model_the_tool_cannot_call_fails_that_test_in_one_line(pytester, monkeypatch):
-    monkeypatch.delenv("CI", raising=False)
-    pytester.makeini(NO_CALIBRATION)
-    pytester.makeconftest("""
-import pytest
-from tests import test_user_models as models
+    user_project(pytester, monkeypatch, """
 
 @pytest.fixture
 def gpt_model():
@@ -474,11 +474,7 @@ def test_mask(gpt_trace):
 
 
 def test_a_model_without_sizes_fails_in_gpt_batches_in_one_line(pytester, monkeypatch):
-    monkeypatch.delenv("CI", raising=False)
-    pytester.makeini(NO_CALIBRATION)
-    pytester.makeconftest("""
-import pytest
-from tests import test_user_models as models
+    user_project(pytester, monkeypatch, """
 
 @pytest.fixture
 def gpt_model():
